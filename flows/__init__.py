@@ -1,0 +1,1 @@
+"""Prefect flows: the whole data-to-adapter DAG and its stages."""

@@ -1,0 +1,134 @@
+"""Products: compositions (ingredients, allergens, nutrition table) and shop descriptions (prose).
+
+Both read schema.org Product (JSON-LD/microdata, ``additionalProperty`` name/value pairs) and then
+the HTML: an element marked 'ingredient', one marked 'allergen', a nutrition table (marked
+'nutrition', else the first two-column table). Compositions lead with the facts, descriptions
+with the prose; both keep the facts as fields.
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Any
+
+from bs4 import Tag
+
+from scrapers.common import (ParseReject, Page, Parsed, as_list, clean, find_marked, join_blocks, main_element,
+                             node_text, page_title, reject_navigation, render_blocks, table_rows)
+
+
+def _props(item: dict[str, Any]) -> dict[str, str]:
+    out = {}
+    for p in as_list(item.get("additionalProperty")):
+        if isinstance(p, dict) and clean(p.get("name")):
+            out[clean(p["name"]).lower()] = clean(p.get("value"))
+    return out
+
+
+def _strip_label(text: str, *labels: str) -> str:
+    for label in labels:
+        text = re.sub(rf"^\s*{label}\s*[:\-]\s*", "", text, flags=re.I)
+    return text.strip()
+
+
+def _nutrition_table(main: Tag) -> tuple[str, list[tuple[str, str]], Tag | None]:
+    tables = find_marked(main, "nutrition", "nutrient", names=("table",))
+    if not tables:
+        tables = [t for t in main.find_all("table") if any(len(r) >= 2 for r in table_rows(t))]
+    if not tables:
+        return "", [], None
+    table = tables[0]
+    caption = node_text(table.find("caption"))
+    rows = table_rows(table)
+    header = ""
+    if rows and table.find("tr") is not None and table.find("tr").find("td") is None:  # header row of <th>
+        header = rows[0][1] if len(rows[0]) > 1 else ""
+        rows = rows[1:]
+    pairs = [(r[0], " / ".join(r[1:])) for r in rows if len(r) >= 2]
+    basis = caption or header
+    return basis, pairs, table
+
+
+def facts(page: Page) -> dict[str, Any]:
+    """Structured product facts from Product markup plus HTML rules."""
+    items = page.of_type("Product", "IndividualProduct", "ProductModel", "FoodProduct")
+    item = max(items, key=lambda i: len(i), default={})
+    props = _props(item)
+    main = main_element(page.soup)
+    brand = item.get("brand")
+    ingredients_el = next(iter(find_marked(main, "ingredient", names=("p", "div", "section", "span", "ul"))), None)
+    allergens_el = next(iter(find_marked(main, "allergen", names=("p", "div", "span", "ul"))), None)
+    basis, nutrition, table = _nutrition_table(main)
+    if not nutrition:  # fall back to additionalProperty entries such as "fat (g) per 100 g"
+        nutrition = [(k, v) for k, v in props.items() if " per " in k]
+    offers = as_list(item.get("offers"))
+    offer = offers[0] if offers and isinstance(offers[0], dict) else {}
+    f = {
+        "name": page_title(page, item.get("name")),
+        "brand": clean(brand.get("name") if isinstance(brand, dict) else brand),
+        "description": clean(item.get("description")),
+        "category": clean(item.get("category")),
+        "size": clean(item.get("size") or props.get("size") or props.get("net quantity")),
+        "gtin": clean(item.get("gtin13") or item.get("gtin") or item.get("gtin8")),
+        "ingredients": props.get("ingredients") or _strip_label(node_text(ingredients_el), "ingredients"),
+        "allergens": props.get("allergens") or _strip_label(node_text(allergens_el), "allergy advice", "allergens"),
+        "serving_size": props.get("serving size", ""),
+        "nutrition_basis": basis,
+        "nutrition": dict(nutrition),
+        "price": f"{clean(offer.get('price'))} {clean(offer.get('priceCurrency'))}".strip() if offer else "",
+        "has_schema": bool(item),
+    }
+    f["_consumed"] = [e for e in (ingredients_el, allergens_el, table) if e is not None]
+    return f
+
+
+def _fact_blocks(f: dict[str, Any]) -> list[str]:
+    head = [f"Brand: {f['brand']}" if f["brand"] else "", f"Category: {f['category']}" if f["category"] else "",
+            f"Size: {f['size']}" if f["size"] else ""]
+    blocks = ["\n".join(h for h in head if h)]
+    if f["ingredients"]:
+        blocks.append(f"Ingredients: {f['ingredients']}")
+    if f["allergens"]:
+        blocks.append(f"Allergens: {f['allergens']}")
+    if f["nutrition"]:
+        basis = f" ({f['nutrition_basis']})" if f["nutrition_basis"] else ""
+        blocks.append(f"Nutrition{basis}:\n" + "\n".join(f"- {k}: {v}" for k, v in f["nutrition"].items()))
+    if f["serving_size"]:
+        blocks.append(f"Serving size: {f['serving_size']}")
+    return blocks
+
+
+def _prose(page: Page, f: dict[str, Any]) -> str:
+    main = main_element(page.soup)
+    skip = [*f["_consumed"], *main.find_all(["h1", "script", "nav", "table"])]
+    prose = render_blocks(main, skip=skip, seen={f["name"], f["description"]})
+    drop = {"ingredients", "nutrition", "nutrition information", "allergens"}
+    return "\n\n".join(b for b in prose.split("\n\n") if b.strip().lower().rstrip(":") not in drop)
+
+
+def _finish(f: dict[str, Any], text_blocks: list[str]) -> Parsed:
+    f = {k: v for k, v in f.items() if not k.startswith("_")}
+    return Parsed(title=f["name"], text=join_blocks([b for b in text_blocks if b]), fields=f)
+
+
+def parse_composition(page: Page) -> Parsed:
+    f = facts(page)
+    if not f["has_schema"]:
+        reject_navigation(page)
+    if not f["ingredients"] and not f["nutrition"]:
+        raise ParseReject("no_product", "no ingredients and no nutrition table")
+    return _finish(f, [f["name"], *_fact_blocks(f)[:1], f["description"], *_fact_blocks(f)[1:], _prose(page, f)])
+
+
+def parse_description(page: Page) -> Parsed:
+    f = facts(page)
+    if not f["has_schema"]:
+        reject_navigation(page)
+    prose = _prose(page, f)
+    if not f["description"] and not prose:
+        raise ParseReject("no_product", "no product description")
+    # the description from markup is often a prefix of the page's prose: keep the longer, not both
+    desc = f["description"]
+    if desc and prose and desc.split(". ")[0] in prose:
+        desc = ""
+    return _finish(f, [f["name"], *_fact_blocks(f)[:1], desc, prose, *_fact_blocks(f)[1:]])

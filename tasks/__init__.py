@@ -1,0 +1,1 @@
+"""Pipeline stages: plain functions (``run_<stage>``) under thin Prefect task wrappers, one module per stage."""

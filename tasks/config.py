@@ -1,0 +1,329 @@
+"""Typed configuration for the whole pipeline.
+
+One YAML file holds every stage's section. Unknown keys and wrong types are errors that name the
+key (pydantic, ``extra="forbid"``); ``section.key=value`` overrides come from the command line; the
+resolved config is written beside every output so a result can always be traced to its settings.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+
+CATEGORIES = (
+    "recipes",
+    "product_compositions",
+    "articles",
+    "code",
+    "product_descriptions",
+    "chemical_additives",
+)
+
+
+class ConfigError(ValueError):
+    """A config file or override is wrong; the message names the file and the key."""
+
+
+class Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+# ----------------------------------------------------------------------------------- sources
+class Permission(Section):
+    evidence_url: str = Field(description="Terms or licence page that permits this use.")
+    license: str = Field(description="Licence of the content, e.g. CC-BY-4.0.")
+    note: str = Field(default="", description="Who granted what, and when; free text for audits.")
+
+
+class SourceConfig(Section):
+    id: str = Field(description="Stable source id, recorded on every document.")
+    category: str = Field(description="One of the six categories.")
+    start_urls: list[str] = Field(default_factory=list)
+    sitemaps: list[str] = Field(default_factory=list)
+    include: list[str] = Field(
+        default_factory=list,
+        description="URL path prefixes this source may follow; empty = the start URLs' directories.",
+    )
+    max_pages: int = Field(default=10_000, ge=1)
+    permission: Permission | None = Field(
+        default=None, description="Evidence of permission; a source without it is refused."
+    )
+
+    @field_validator("category")
+    @classmethod
+    def _known_category(cls, v: str) -> str:
+        if v not in CATEGORIES:
+            raise ValueError(f"unknown category {v!r}; expected one of {', '.join(CATEGORIES)}")
+        return v
+
+
+class SourcesFile(Section):
+    sources: list[SourceConfig]
+
+
+# ------------------------------------------------------------------------------------ stages
+class DemoSiteConfig(Section):
+    enabled: bool = Field(default=False, description="Serve data/demo_site on loopback for the run.")
+    root: str = "data/demo_site"
+    host: str = "127.0.0.1"
+    port: int = Field(default=8765, ge=0, le=65535, description="0 picks a free port.")
+
+
+class ScrapeConfig(Section):
+    sources: str = Field(description="YAML file listing the allow-listed sources.")
+    user_agent: str = "data-to-adapter/0.1 (+mailto:data-team@example.org)"
+    min_delay_s: float = Field(default=1.0, ge=0, description="Per-host minimum delay between requests.")
+    timeout_s: float = Field(default=20.0, gt=0)
+    max_bytes: int = Field(default=5_000_000, gt=0, description="Bodies larger than this are refused.")
+    max_retries: int = Field(default=3, ge=0)
+    allow_private_addresses: list[str] = Field(
+        default_factory=list,
+        description="Addresses that may be contacted although private/loopback (demo and tests only).",
+    )
+    respect_noindex: bool = True
+
+
+class ExtractConfig(Section):
+    min_text_chars: int = Field(default=1, ge=0, description="Pages with less extracted text are rejected.")
+
+
+class CleanConfig(Section):
+    unicode_form: Literal["NFC", "NFKC"] = "NFKC"
+    min_chars: int = Field(default=200, ge=0)
+    max_chars: int = Field(default=200_000, gt=0, description="Longer documents are split, not dropped.")
+    min_alpha_ratio: float = Field(default=0.5, ge=0, le=1, description="Letters over non-space chars (prose).")
+    max_symbol_ratio: float = Field(default=0.3, ge=0, le=1)
+    scrub_pii: bool = Field(default=True, description="Replace e-mail addresses and phone numbers.")
+    near_dup_threshold: float = Field(default=0.8, gt=0, le=1, description="MinHash Jaccard estimate.")
+    num_perm: int = Field(default=128, ge=16)
+    shingle_words: int = Field(default=5, ge=1)
+
+
+class SplitConfig(Section):
+    eval_fraction: float = Field(default=0.1, gt=0, lt=1)
+    salt: str = Field(default="split-v1", description="Changing it reshuffles the split; never do mid-project.")
+
+
+class MixConfig(Section):
+    ratios: dict[str, float] = Field(
+        default_factory=lambda: {
+            "recipes": 0.43,
+            "product_compositions": 0.25,
+            "articles": 0.18,
+            "code": 0.10,
+            "product_descriptions": 0.03,
+            "chemical_additives": 0.01,
+        }
+    )
+    total_tokens: int | None = Field(
+        default=None, ge=1, description="Training-token budget; None = largest budget max_repeat allows."
+    )
+    max_repeat: float = Field(default=4.0, ge=1, description="Most a short category may be up-sampled.")
+
+    @field_validator("ratios")
+    @classmethod
+    def _ratios(cls, v: dict[str, float]) -> dict[str, float]:
+        unknown = sorted(set(v) - set(CATEGORIES))
+        if unknown:
+            raise ValueError(f"unknown categories {unknown}; expected a subset of {list(CATEGORIES)}")
+        if any(r < 0 for r in v.values()):
+            raise ValueError("ratios must be >= 0")
+        total = sum(v.values())
+        if abs(total - 1.0) > 1e-6:
+            raise ValueError(f"ratios must sum to 1, they sum to {total:.6f}")
+        return v
+
+
+class TokenizeConfig(Section):
+    seq_len: int = Field(default=2048, ge=8)
+    rows_per_shard: int = Field(default=4096, ge=1, description="Packed rows per Arrow shard.")
+    batch_docs: int = Field(default=512, ge=1, description="Documents tokenized per batch.")
+
+
+class QuantizationConfig(Section):
+    load_in_4bit: bool = True
+    quant_type: Literal["nf4", "fp4"] = "nf4"
+    double_quant: bool = True
+    compute_dtype: Literal["bfloat16", "float16", "float32"] = "bfloat16"
+    quant_storage: Literal["uint8", "bfloat16", "float16", "float32"] = Field(
+        default="uint8", description="Set to the compute dtype for FSDP-QLoRA."
+    )
+
+
+class ModelConfig(Section):
+    name: str = Field(description="Hub id or local path of the base model (recorded in the adapter).")
+    gguf_package: str | None = Field(
+        default=None, description="Python package that ships the weights as GGUF (offline demo)."
+    )
+    gguf_file: str | None = None
+    revision: str | None = None
+    trust_remote_code: bool = False
+    quantization: QuantizationConfig = Field(default_factory=QuantizationConfig)
+
+
+class LoraConfig(Section):
+    r: int = Field(default=32, ge=1)
+    alpha: int = Field(default=64, ge=1)
+    dropout: float = Field(default=0.05, ge=0, lt=1)
+    target_modules: list[str] = Field(default_factory=lambda: ["q_proj", "k_proj", "v_proj"])
+    bias: Literal["none", "all", "lora_only"] = "all"
+
+
+class TrainConfig(Section):
+    micro_batch_size: int = Field(default=8, ge=1, description="Sequences per GPU per forward pass.")
+    grad_accum: int = Field(default=4, ge=1)
+    epochs: float = Field(default=2, gt=0)
+    max_steps: int | None = Field(default=None, ge=1, description="Optimizer steps; overrides epochs.")
+    lr: float = Field(default=2e-4, gt=0)
+    optimizer: Literal["paged_adamw_8bit", "adamw_torch"] = "paged_adamw_8bit"
+    weight_decay: float = Field(default=0.0, ge=0)
+    max_grad_norm: float = Field(default=1.0, gt=0)
+    warmup_steps: int = Field(default=200, ge=0)
+    scheduler: Literal["cosine", "linear", "constant"] = "cosine"
+    eval_every: int = Field(default=400, ge=1)
+    save_every: int = Field(default=400, ge=1)
+    keep_checkpoints: int = Field(default=3, ge=1, description="Newest checkpoints kept on disk.")
+    eval_batches: int = Field(default=8, ge=1, description="Micro-batches per category for periodic eval.")
+    gradient_checkpointing: bool = True
+    log_every: int = Field(default=1, ge=1)
+    num_processes: int = Field(default=1, ge=1, description="accelerate launch --num_processes.")
+    accelerate_config: str | None = Field(default=None, description="configs/accelerate/*.yaml")
+    num_threads: int | None = Field(default=None, ge=1, description="torch CPU threads (None = torch default).")
+
+
+class EvaluateConfig(Section):
+    max_rows_per_category: int = Field(default=64, ge=1, description="Held-out packed rows per category.")
+    batch_size: int = Field(default=4, ge=1)
+    prompt: str = "Give me a simple recipe for a vegetable soup."
+    max_new_tokens: int = Field(default=80, ge=1)
+
+
+class GenerateConfig(Section):
+    temperature: float = Field(default=0.0, ge=0, description="0 = greedy.")
+    top_p: float = Field(default=1.0, gt=0, le=1)
+    max_new_tokens: int = Field(default=200, ge=1)
+    seed: int = 0
+
+
+class TrackingConfig(Section):
+    tensorboard: bool = True
+    wandb: Literal["auto", "on", "off"] = Field(
+        default="auto", description="auto = on when WANDB_MODE or WANDB_API_KEY is set."
+    )
+    wandb_project: str = "data-to-adapter"
+
+
+class PipelineConfig(Section):
+    run_name: str = Field(default="run", pattern=r"^[A-Za-z0-9_.-]+$")
+    data_root: str = Field(default="data/run", description="Artifact root; relative paths are from the repo.")
+    seed: int = 1234
+    demo_site: DemoSiteConfig = Field(default_factory=DemoSiteConfig)
+    scrape: ScrapeConfig
+    extract: ExtractConfig = Field(default_factory=ExtractConfig)
+    clean: CleanConfig = Field(default_factory=CleanConfig)
+    split: SplitConfig = Field(default_factory=SplitConfig)
+    mix: MixConfig = Field(default_factory=MixConfig)
+    tokenize: TokenizeConfig = Field(default_factory=TokenizeConfig)
+    model: ModelConfig
+    lora: LoraConfig = Field(default_factory=LoraConfig)
+    train: TrainConfig = Field(default_factory=TrainConfig)
+    evaluate: EvaluateConfig = Field(default_factory=EvaluateConfig)
+    generate: GenerateConfig = Field(default_factory=GenerateConfig)
+    tracking: TrackingConfig = Field(default_factory=TrackingConfig)
+
+    # -- paths ---------------------------------------------------------------------------
+    @property
+    def root(self) -> Path:
+        return resolve_path(self.data_root)
+
+    def section(self, name: str) -> dict[str, Any]:
+        return getattr(self, name).model_dump(mode="json")
+
+
+def resolve_path(p: str | os.PathLike[str]) -> Path:
+    """Relative paths in configs are relative to the repository root, not the current directory."""
+    path = Path(os.path.expandvars(str(p))).expanduser()
+    return path if path.is_absolute() else (REPO_ROOT / path)
+
+
+# ------------------------------------------------------------------------------- loading
+def _format_errors(err: ValidationError, where: str) -> str:
+    lines = [f"{where}: {err.error_count()} problem(s)"]
+    for e in err.errors():
+        key = ".".join(str(p) for p in e["loc"]) or "(top level)"
+        if e["type"] == "extra_forbidden":
+            lines.append(f"  {key}: unknown key")
+        elif e["type"] == "missing" or isinstance(e.get("input"), dict):
+            lines.append(f"  {key}: {e['msg']}")
+        else:
+            lines.append(f"  {key}: {e['msg']} (got {e['input']!r})")
+    return "\n".join(lines)
+
+
+def apply_overrides(data: dict[str, Any], overrides: list[str] | tuple[str, ...]) -> dict[str, Any]:
+    """Apply ``section.key=value`` overrides; values are parsed as YAML (so 3, 1e-4, true, [a,b])."""
+    for item in overrides:
+        if "=" not in item:
+            raise ConfigError(f"override {item!r}: expected section.key=value")
+        dotted, raw = item.split("=", 1)
+        keys = [k for k in dotted.strip().split(".") if k]
+        if not keys or not all(re.fullmatch(r"[A-Za-z0-9_-]+", k) for k in keys):
+            raise ConfigError(f"override {item!r}: bad key {dotted!r}")
+        node = data
+        for k in keys[:-1]:
+            nxt = node.setdefault(k, {})
+            if not isinstance(nxt, dict):
+                raise ConfigError(f"override {item!r}: {k!r} is not a section")
+            node = nxt
+        node[keys[-1]] = yaml.safe_load(raw) if raw.strip() else ""
+    return data
+
+
+def load_config(path: str | os.PathLike[str], overrides: list[str] | tuple[str, ...] = ()) -> PipelineConfig:
+    path = resolve_path(path)
+    if not path.is_file():
+        raise ConfigError(f"config file not found: {path}")
+    try:
+        data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{path}: not valid YAML: {e}") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: top level must be a mapping")
+    data = apply_overrides(data, overrides)
+    try:
+        return PipelineConfig.model_validate(data)
+    except ValidationError as e:
+        raise ConfigError(_format_errors(e, str(path))) from None
+
+
+def load_sources(path: str | os.PathLike[str]) -> list[SourceConfig]:
+    path = resolve_path(path)
+    if not path.is_file():
+        raise ConfigError(f"sources file not found: {path}")
+    # ${VAR} in URLs is expanded from the environment (the demo site's origin is only known at run time)
+    data = yaml.safe_load(os.path.expandvars(path.read_text(encoding="utf-8"))) or {}
+    try:
+        return SourcesFile.model_validate(data).sources
+    except ValidationError as e:
+        raise ConfigError(_format_errors(e, str(path))) from None
+
+
+def config_from_dict(data: dict[str, Any]) -> PipelineConfig:
+    try:
+        return PipelineConfig.model_validate(data)
+    except ValidationError as e:
+        raise ConfigError(_format_errors(e, "config")) from None
+
+
+def dump_resolved(cfg: PipelineConfig, path: Path) -> None:
+    """Write the resolved config (YAML) beside an output. Configs hold no secrets by design."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(yaml.safe_dump(json.loads(cfg.model_dump_json()), sort_keys=False), encoding="utf-8")

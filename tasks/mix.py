@@ -1,0 +1,273 @@
+"""Mix the training split to the configured category ratios, by tokens.
+
+Reads ``split/train/<category>.parquet``, counts each document's tokens with the model's tokenizer
+(``n_tokens`` = ids without special tokens + 1 for the EOS the packer appends), and writes
+``mix/train/<category>.parquet`` with one row per selected document: doc_id, category, text,
+n_tokens, repeat (the tokenize stage emits the document ``repeat`` times). The eval split is not
+mixed: every category keeps its own held-out stream.
+
+Budget. With ``mix.total_tokens`` set, T is that. Otherwise T is automatic:
+
+    T = min( sum of available tokens over categories with ratio > 0,
+             min over those categories of available_c * max_repeat / ratio_c )
+
+i.e. the largest budget that no category must be up-sampled more than ``max_repeat`` times to meet,
+and never larger than the corpus itself (so a corpus with plenty of every category is re-weighted,
+not inflated). A category with ratio > 0 but no tokens at all cannot bind T (it would make T = 0);
+it is reported with its whole target as shortfall, and the other shares come out proportionally
+higher than their targets.
+
+Selection per category c with budget B_c = round(ratio_c * T):
+  * B_c <= available: whole documents in a seeded stable order (hash of seed and doc_id) while they
+    fit the budget, then later documents that fit the remaining gap, then one that overshoots if
+    that lands closer to B_c (see ``fill``).
+  * B_c > available: every document floor(k) times (k = B_c / available, capped at max_repeat), and
+    the same ``fill`` picks documents once more for the fractional part, never passing
+    max_repeat * available; what the cap leaves unmet is the shortfall.
+The same seed, corpus and tokenizer always give the same selection; a new document only changes
+the selection where its hash falls in the order.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import logging
+import math
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+from prefect import task
+
+from tasks.config import CATEGORIES, PipelineConfig, config_from_dict, dump_resolved, load_config
+from tasks.manifest import Stage, require_manifest
+from tasks.textio import CategoryWriters, Progress, category_files, iter_batches, num_rows
+
+log = logging.getLogger("tasks.mix")
+
+OUT_SCHEMA = pa.schema(
+    [("doc_id", pa.string()), ("category", pa.string()), ("text", pa.string()),
+     ("n_tokens", pa.int64()), ("repeat", pa.int32())]
+)
+
+
+def get_tokenizer(cfg):
+    from tasks.model import resolve_base, load_tokenizer
+    return load_tokenizer(resolve_base(cfg.model, cfg.root / "models"), cfg.model)
+
+
+# ------------------------------------------------------------------------------- planning
+def order_key(seed: int, doc_id: str) -> int:
+    """Stable per-document position in the selection order (independent of file order)."""
+    return int.from_bytes(hashlib.sha256(f"{seed}:{doc_id}".encode("utf-8")).digest()[:8], "big")
+
+
+def plan_total(available: dict[str, int], ratios: dict[str, float], total_tokens: int | None,
+               max_repeat: float) -> tuple[int, str]:
+    """(T, what decided it): the configured budget, or the automatic one described in the module doc."""
+    if total_tokens is not None:
+        return int(total_tokens), "mix.total_tokens"
+    active = {c: r for c, r in ratios.items() if r > 0 and available.get(c, 0) > 0}
+    if not active:
+        return 0, "no tokens in any category with ratio > 0"
+    corpus = sum(available.get(c, 0) for c, r in ratios.items() if r > 0)
+    binding = min(active, key=lambda c: (available[c] * max_repeat / active[c], CATEGORIES.index(c)))
+    cap = available[binding] * max_repeat / active[binding]
+    if corpus <= cap:
+        return int(corpus), "corpus size"
+    return int(math.floor(cap)), f"{binding} at max_repeat={max_repeat:g}"
+
+
+def fill(n_ordered: np.ndarray, budget: int, limit: int) -> np.ndarray:
+    """Which docs (in selection order) to take so their tokens come closest to ``budget`` without
+    passing ``limit`` (the max_repeat cap): the ordered prefix that stays under the budget, then
+    first-fit of later docs into the gap (matters when documents are large relative to the budget),
+    then one more doc if overshooting lands closer than stopping short."""
+    take = np.zeros(len(n_ordered), dtype=bool)
+    if budget <= 0 or len(n_ordered) == 0:
+        return take
+    cum = np.cumsum(n_ordered)
+    k = int(np.searchsorted(cum, budget, side="right"))  # docs whose prefix sum stays <= budget
+    take[:k] = True
+    gap = budget - (int(cum[k - 1]) if k else 0)
+    for i in np.flatnonzero(n_ordered[k:] <= gap) + k:  # later docs small enough to fit the gap
+        if n_ordered[i] <= gap:
+            take[i] = True
+            gap -= int(n_ordered[i])
+            if gap == 0:
+                return take
+    rest = np.flatnonzero(~take)
+    if gap > 0 and len(rest):
+        j = rest[0]  # the next doc in order
+        if n_ordered[j] - gap < gap and budget - gap + n_ordered[j] <= limit:
+            take[j] = True
+    return take
+
+
+def select(n_tokens: np.ndarray, keys: np.ndarray, budget: int, max_repeat: float) -> np.ndarray:
+    """Repeat count per document (0 = not selected) that meets ``budget`` tokens; see module doc."""
+    rep = np.zeros(len(n_tokens), dtype=np.int64)
+    avail = int(n_tokens.sum())
+    if budget <= 0 or avail == 0:
+        return rep
+    order = np.argsort(keys, kind="stable")
+    if budget <= avail:
+        rep[order[fill(n_tokens[order], budget, avail)]] = 1
+        return rep
+    cap = int(math.floor(max_repeat * avail))
+    reach = min(budget, cap)
+    full = reach // avail
+    rep[:] = full
+    rep[order[fill(n_tokens[order], reach - full * avail, cap - full * avail)]] += 1
+    return rep
+
+
+@dataclass
+class CategoryMix:
+    category_id: int
+    ratio: float
+    available_docs: int
+    available_tokens: int
+    target_tokens: int
+    selected_docs: int = 0
+    selected_tokens: int = 0
+    target_share: float = 0.0
+    achieved_share: float = 0.0
+    repeat_factor: float = 0.0
+    shortfall_tokens: int = 0
+
+
+def plan(available: dict[str, tuple[np.ndarray, np.ndarray]], ratios: dict[str, float], total_tokens: int | None,
+         max_repeat: float) -> tuple[dict[str, CategoryMix], dict[str, np.ndarray], dict[str, Any]]:
+    """Per category (n_tokens, keys) -> (report per category, repeats per category, totals)."""
+    avail_tok = {c: int(n.sum()) for c, (n, _) in available.items()}
+    T, why = plan_total(avail_tok, ratios, total_tokens, max_repeat)
+    report: dict[str, CategoryMix] = {}
+    repeats: dict[str, np.ndarray] = {}
+    for cat in CATEGORIES:
+        n, keys = available.get(cat, (np.zeros(0, np.int64), np.zeros(0, np.uint64)))
+        ratio = float(ratios.get(cat, 0.0))
+        if ratio == 0 and len(n) == 0:
+            continue
+        budget = int(round(ratio * T))
+        rep = select(n, keys, budget, max_repeat)
+        repeats[cat] = rep
+        sel = int((n * rep).sum())
+        report[cat] = CategoryMix(
+            category_id=CATEGORIES.index(cat), ratio=ratio, available_docs=len(n), available_tokens=int(n.sum()),
+            target_tokens=budget, selected_docs=int((rep > 0).sum()), selected_tokens=sel, target_share=ratio,
+            repeat_factor=round(sel / int(n.sum()), 4) if len(n) and n.sum() else 0.0,
+            shortfall_tokens=max(0, budget - sel),
+        )
+    total_sel = sum(r.selected_tokens for r in report.values())
+    for r in report.values():
+        r.achieved_share = round(r.selected_tokens / total_sel, 6) if total_sel else 0.0
+    totals = {"target_tokens": T, "selected_tokens": total_sel, "budget_from": why, "max_repeat": max_repeat,
+              "available_tokens": sum(avail_tok.values()),
+              "shortfall_tokens": sum(r.shortfall_tokens for r in report.values())}
+    return report, repeats, totals
+
+
+def format_table(report: dict[str, CategoryMix], totals: dict[str, Any]) -> str:
+    head = f"{'category':<22}{'available':>14}{'target':>14}{'selected':>14}{'target%':>9}{'got%':>9}{'repeat':>8}{'short':>12}"
+    lines = [head, "-" * len(head)]
+    for cat, r in report.items():
+        lines.append(f"{cat:<22}{r.available_tokens:>14,}{r.target_tokens:>14,}{r.selected_tokens:>14,}"
+                     f"{100 * r.target_share:>8.2f}%{100 * r.achieved_share:>8.2f}%{r.repeat_factor:>8.2f}{r.shortfall_tokens:>12,}")
+    lines.append(f"{'total':<22}{totals['available_tokens']:>14,}{totals['target_tokens']:>14,}{totals['selected_tokens']:>14,}"
+                 f"   (budget from {totals['budget_from']})")
+    return "\n".join(lines)
+
+
+# ------------------------------------------------------------------------------- the stage
+def count_tokens(tok, texts: list[str]) -> list[int]:
+    """Tokens per text as the packer will emit them: ids without special tokens, plus one EOS."""
+    enc = tok(texts, add_special_tokens=False, return_attention_mask=False, verbose=False)["input_ids"]
+    return [len(ids) + 1 for ids in enc]
+
+
+def _measure(path: Path, cat: str, tok, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    n_tok: list[int] = []
+    keys: list[int] = []
+    prog = Progress(log, f"mix: counting tokens in {cat}", num_rows(path))
+    for batch in iter_batches(path, ["doc_id", "text"]):
+        d = batch.to_pydict()
+        texts = [t if isinstance(t, str) else "" for t in d["text"]]  # clean never writes null text
+        n_tok.extend(count_tokens(tok, texts))
+        keys.extend(order_key(seed, str(x)) for x in d["doc_id"])
+        prog.update(batch.num_rows)
+    return np.asarray(n_tok, dtype=np.int64), np.asarray(keys, dtype=np.uint64)
+
+
+def run_mix(cfg: PipelineConfig, tokenizer=None) -> dict[str, Any]:
+    """Plan and write ``<root>/mix/train``; ``tokenizer`` defaults to the model's (``get_tokenizer``)."""
+    from tasks.model import tokenizer_fingerprint
+
+    split_m = require_manifest(cfg.root / "split", "split")
+    tok = tokenizer if tokenizer is not None else get_tokenizer(cfg)
+    tok_fp = tokenizer_fingerprint(tok)
+    stage = Stage("mix", cfg.root / "mix", {"mix": cfg.section("mix"), "seed": cfg.seed},
+                  {"split": split_m["fingerprint"], "tokenizer": tok_fp})
+    if (m := stage.up_to_date()) is not None:
+        log.info("mix: up to date (%s)", stage.out_dir)
+        return m
+    files = category_files(cfg.root / "split" / "train")
+    measured = {cat: _measure(p, cat, tok, cfg.seed) for cat, p in files.items()}
+    report, repeats, totals = plan(measured, cfg.mix.ratios, cfg.mix.total_tokens, cfg.mix.max_repeat)
+    with stage.building() as work:
+        with CategoryWriters(work / "train") as out:
+            for cat, path in files.items():
+                rep, n_tok = repeats.get(cat), measured[cat][0]
+                if rep is None or not rep.any():
+                    continue
+                row = 0
+                for batch in iter_batches(path, ["doc_id", "text"]):
+                    r = rep[row : row + batch.num_rows]
+                    idx = np.flatnonzero(r)
+                    if len(idx):
+                        out.write(cat, pa.table(
+                            [batch.column("doc_id").take(pa.array(idx)).cast(pa.string()),
+                             pa.array([cat] * len(idx), pa.string()),
+                             batch.column("text").take(pa.array(idx)).cast(pa.string()),
+                             pa.array(n_tok[row + idx], pa.int64()),
+                             pa.array(r[idx], pa.int32())],
+                            schema=OUT_SCHEMA))
+                    row += batch.num_rows
+        counts = {"categories": {c: asdict(r) for c, r in report.items()}, "total": totals}
+        table = format_table(report, totals)
+        (work / "report.txt").write_text(table + "\n", encoding="utf-8")
+        dump_resolved(cfg, work / "config.yaml")
+        m = stage.manifest(work, counts, tokenizer_fingerprint=tok_fp, report=str(stage.out_dir / "report.txt"),
+                           tokenizer=getattr(tok, "name_or_path", type(tok).__name__))
+    log.info("mix: target vs achieved (tokens)\n%s", table)
+    short = {c: r.shortfall_tokens for c, r in report.items() if r.shortfall_tokens}
+    if short:
+        log.warning("mix: categories short of their target (up-sampling is capped at max_repeat=%g): %s",
+                    cfg.mix.max_repeat, short)
+    return m
+
+
+# ------------------------------------------------------------------------------- entry points
+@task(name="mix")
+def mix(cfg_dict: dict) -> dict:
+    return run_mix(config_from_dict(cfg_dict))
+
+
+def main(argv: list[str] | None = None) -> None:
+    ap = argparse.ArgumentParser(description="Mix the training split to the configured category ratios by tokens.")
+    ap.add_argument("--config", required=True)
+    ap.add_argument("overrides", nargs="*", help="section.key=value")
+    a = ap.parse_args(argv)
+    # force: importing prefect already configured the root logger at WARNING, which would hide progress
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s", force=True)
+    m = run_mix(load_config(a.config, a.overrides))
+    t = m["counts"]["total"]
+    print(f"mix: {t['selected_tokens']:,} of {t['target_tokens']:,} target tokens (budget from {t['budget_from']}), "
+          f"shortfall {t['shortfall_tokens']:,}\n{Path(m['report']).read_text(encoding='utf-8')}")
+
+
+if __name__ == "__main__":
+    main()

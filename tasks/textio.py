@@ -1,0 +1,136 @@
+"""Reading and writing the per-category Parquet files that clean, split and mix pass along.
+
+Each of those stages keeps one file per category (``<dir>/<category>.parquet``); a category with
+no rows has no file, so readers must treat a missing file as "empty", never as an error. Files are
+read in record batches and written through one ``ParquetWriter`` per category, so memory stays
+bounded by the batch size, not the corpus.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Iterable, Iterator
+from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from tasks.config import CATEGORIES
+
+BATCH_ROWS = 1024  # rows per record batch; texts are <= max_chars, so a batch stays a few MB
+
+
+def category_path(directory: Path, category: str) -> Path:
+    return Path(directory) / f"{category}.parquet"
+
+
+def category_files(directory: Path, include_unknown: bool = False) -> dict[str, Path]:
+    """Category -> file for the categories present in ``directory``, in CATEGORIES order.
+
+    With ``include_unknown``, other ``*.parquet`` files (an unknown category written upstream) are
+    listed after the known ones so the caller can quarantine their rows instead of ignoring them.
+    """
+    directory = Path(directory)
+    out = {c: category_path(directory, c) for c in CATEGORIES if category_path(directory, c).is_file()}
+    if include_unknown and directory.is_dir():
+        for p in sorted(directory.glob("*.parquet")):
+            if p.stem not in out and p.stem != "rejects":
+                out[p.stem] = p
+    return out
+
+
+def iter_batches(path: Path, columns: list[str] | None = None, batch_rows: int = BATCH_ROWS) -> Iterator[pa.RecordBatch]:
+    """Record batches of one Parquet file; a file that cannot be read fails with its path in the message."""
+    try:
+        pf = pq.ParquetFile(path)
+    except Exception as e:  # noqa: BLE001 - re-raised with the file named
+        raise ValueError(f"{path}: not a readable Parquet file ({e})") from e
+    if columns is not None:
+        missing = [c for c in columns if c not in pf.schema_arrow.names]
+        if missing:
+            raise ValueError(f"{path}: missing column(s) {missing}; has {pf.schema_arrow.names}")
+    yield from pf.iter_batches(batch_size=batch_rows, columns=columns)
+
+
+def num_rows(path: Path) -> int:
+    return pq.ParquetFile(path).metadata.num_rows
+
+
+class CategoryWriters:
+    """One lazily opened ParquetWriter per key (category); the first table fixes the file's schema."""
+
+    def __init__(self, directory: Path):
+        self.directory = Path(directory)
+        self._writers: dict[str, pq.ParquetWriter] = {}
+
+    def write(self, key: str, table: pa.Table | pa.RecordBatch) -> None:
+        if table.num_rows == 0:
+            return
+        if isinstance(table, pa.RecordBatch):
+            table = pa.Table.from_batches([table])
+        w = self._writers.get(key)
+        if w is None:
+            self.directory.mkdir(parents=True, exist_ok=True)
+            w = self._writers[key] = pq.ParquetWriter(category_path(self.directory, key), table.schema)
+        w.write_table(table.cast(w.schema) if table.schema != w.schema else table)
+
+    @property
+    def keys(self) -> list[str]:
+        return list(self._writers)
+
+    def close(self) -> None:
+        for w in self._writers.values():
+            w.close()
+        self._writers.clear()
+
+    def __enter__(self) -> CategoryWriters:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+class Progress:
+    """Log ``what``: n items, rate and elapsed time at most every ``every_s`` seconds."""
+
+    def __init__(self, log: logging.Logger, what: str, total: int | None = None, every_s: float = 10.0):
+        self.log, self.what, self.total, self.every_s = log, what, total, every_s
+        self.n = 0
+        self.t0 = self._last = time.monotonic()
+
+    def update(self, n: int) -> None:
+        self.n += n
+        now = time.monotonic()
+        if now - self._last >= self.every_s:
+            self._last = now
+            rate = self.n / max(now - self.t0, 1e-9)
+            eta = f", ETA {(self.total - self.n) / rate:.0f}s" if self.total and rate > 0 else ""
+            of = f"/{self.total}" if self.total else ""
+            self.log.info("%s: %d%s docs, %.0f docs/s%s", self.what, self.n, of, rate, eta)
+
+
+def ordered_map(fn, items: Iterable[tuple[object, object]], workers: int = 1, window: int | None = None):
+    """For (context, job) pairs yield (context, fn(job)) in input order. With workers > 1 the jobs
+    run in a process pool with at most ``window`` (default 2 x workers) in flight, so memory stays
+    bounded however long the input is; ``fn`` must be a picklable module-level function."""
+    if workers <= 1:
+        for ctx, job in items:
+            yield ctx, fn(job)
+        return
+    import multiprocessing as mp
+    from collections import deque
+    from concurrent.futures import ProcessPoolExecutor
+
+    window = window or 2 * workers
+    # spawn, not fork: the parent has threads (Prefect, Arrow) and forking those can deadlock
+    with ProcessPoolExecutor(max_workers=workers, mp_context=mp.get_context("spawn")) as pool:
+        pending: deque = deque()
+        for ctx, job in items:
+            pending.append((ctx, pool.submit(fn, job)))
+            if len(pending) >= window:
+                c, fut = pending.popleft()
+                yield c, fut.result()
+        while pending:
+            c, fut = pending.popleft()
+            yield c, fut.result()

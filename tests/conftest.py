@@ -1,0 +1,63 @@
+"""Shared fixtures: a tiny random Llama with a real (small, trained-on-the-fly) BPE tokenizer, so
+unit tests exercise the real NF4 + LoRA + training code in seconds without any download."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parent.parent
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+CORPUS = [
+    "Red lentil soup: rinse the lentils, soften onion and carrot in olive oil, add cumin and stock.",
+    "Simmer for twenty minutes until the lentils collapse, then season with lemon and salt.",
+    "Ingredients: oat flour, water, rapeseed oil, salt. Nutrition per 100 g: energy 46 kcal.",
+    "Citric acid (E330) is an acidity regulator found naturally in lemons and limes.",
+    "def kcal(protein, carbs, fat):\n    return 4 * protein + 4 * carbs + 9 * fat",
+    "Dietary fibre supports digestion; most adults eat less than the recommended 30 g a day.",
+]
+
+
+def tiny_config_dict(root: Path, model_dir: Path, **sections) -> dict:
+    """A full pipeline config for tests: tiny model, small shapes, data under ``root``."""
+    base = {
+        "run_name": "t",
+        "data_root": str(root),
+        "scrape": {"sources": "configs/sources/demo.yaml", "min_delay_s": 0},
+        "model": {"name": str(model_dir), "quantization": {"compute_dtype": "float32"}},
+        "lora": {"r": 4, "alpha": 8, "dropout": 0.0},
+        "tokenize": {"seq_len": 32, "rows_per_shard": 16},
+        "train": {"micro_batch_size": 2, "grad_accum": 2, "epochs": 1, "lr": 5e-3, "warmup_steps": 1,
+                  "eval_every": 2, "save_every": 2, "eval_batches": 1, "num_threads": 1},
+        "evaluate": {"max_rows_per_category": 4, "batch_size": 2, "max_new_tokens": 4},
+        "tracking": {"tensorboard": False, "wandb": "off"},
+    }
+    for k, v in sections.items():
+        base[k] = {**base.get(k, {}), **v} if isinstance(v, dict) else v
+    return base
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory) -> Path:
+    import torch
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+
+    out = tmp_path_factory.mktemp("tiny-llama")
+    tk = Tokenizer(models.BPE())
+    tk.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tk.decoder = decoders.ByteLevel()
+    tk.train_from_iterator(CORPUS * 20, trainers.BpeTrainer(vocab_size=300, special_tokens=["<eos>", "<pad>"],
+                                                            initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+    tok = PreTrainedTokenizerFast(tokenizer_object=tk, eos_token="<eos>", pad_token="<pad>")
+    tok.chat_template = "{% for m in messages %}{{ m['role'] }}: {{ m['content'] }}\n{% endfor %}assistant:"
+    tok.save_pretrained(out)
+    torch.manual_seed(0)
+    cfg = LlamaConfig(vocab_size=len(tok), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128,
+                      eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id, tie_word_embeddings=False)
+    LlamaForCausalLM(cfg).save_pretrained(out, safe_serialization=True)
+    return out

@@ -1,0 +1,212 @@
+"""Clean + dedup on a small synthetic extracted corpus (seconds)."""
+
+from __future__ import annotations
+
+import json
+import logging
+import random
+from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from tasks.clean import EMAIL, PHONE, run_clean, scrub_pii, split_parts
+from tasks.config import config_from_dict
+
+COLUMNS = ("doc_id", "url", "final_url", "fetched_at", "sha256", "source_id", "category", "license", "title", "text", "fields")
+FOOTER = "Content licensed CC BY 4.0 — see /terms.html"
+
+
+def make_cfg(root: Path, **sections):
+    return config_from_dict({"data_root": str(root), "scrape": {"sources": "configs/sources/demo.yaml"},
+                             "model": {"name": "tiny"}, **sections})
+
+
+def words(rng: random.Random, n: int) -> str:
+    return " ".join("".join(rng.choices("abcdefghijklmnopqrstuvwxyz", k=rng.randint(3, 9))) for _ in range(n))
+
+
+def doc(doc_id: str, category: str, text, source: str | None = None) -> dict:
+    return {"doc_id": doc_id, "url": f"http://site.test/{doc_id}", "final_url": f"http://site.test/{doc_id}",
+            "fetched_at": "2025-01-01T00:00:00Z", "sha256": "0" * 64, "source_id": source or f"src-{category}",
+            "category": category, "license": "CC-BY-4.0", "title": doc_id, "text": text, "fields": "{}"}
+
+
+def write_extracted(root: Path, rows: list[dict], fingerprint: str = "extract-fp-1") -> None:
+    out = root / "extracted"
+    out.mkdir(parents=True, exist_ok=True)
+    by_cat: dict[str, list[dict]] = {}
+    for r in rows:
+        by_cat.setdefault(r.pop("_file", r["category"]), []).append(r)
+    schema = pa.schema([(c, pa.string()) for c in COLUMNS])
+    for cat, rs in by_cat.items():
+        pq.write_table(pa.Table.from_pylist(rs, schema=schema), out / f"{cat}.parquet")
+    (out / "manifest.json").write_text(json.dumps({"stage": "extract", "fingerprint": fingerprint}))
+
+
+def corpus(seed: int = 0) -> tuple[list[dict], dict[str, str]]:
+    """~40 ordinary docs plus planted cases; returns rows and the planted ids by role."""
+    rng = random.Random(seed)
+    rows = []
+    for i in range(12):
+        rows.append(doc(f"recipe-{i:03d}", "recipes", f"{words(rng, 120)}\n\n{FOOTER}\n"))
+    for i in range(8):
+        rows.append(doc(f"article-{i:03d}", "articles", words(rng, 80)))
+    for i in range(6):
+        body = "\n".join(f"def f{i}_{j}(x):\n    return x * {j}  # {words(rng, 3)}" for j in range(12))
+        rows.append(doc(f"code-{i:03d}", "code", "import numpy as np\n\n" + body))
+    base = words(rng, 200)
+    changed = base.split()
+    changed[100] = "zzzchangedzzz"
+    rows += [
+        doc("near-b", "articles", base),  # kept: smaller doc_id than near-c
+        doc("near-c", "product_descriptions", " ".join(changed)),  # cross-category near-dup
+        doc("exact-b", "recipes", base[:600] + " tail words here"),
+        doc("exact-a", "recipes", "  " + (base[:600] + " tail words here").replace(" ", "  ", 3) + "\n\n\n"),
+        doc("pii-1", "articles", f"Write to jane.doe@example.com or call +1 (555) 123-4567. {words(rng, 60)}"),
+        doc("short-1", "articles", "Too short."),
+        doc("empty-1", "articles", "   "),
+        doc("null-1", "articles", None),
+        {**doc("weird-1", "astrology", words(rng, 60)), "_file": "articles"},
+        doc("symbols-1", "articles", "#### $$$$ |||| ~~~~ " * 30),
+        doc("long-1", "articles", "\n\n".join(words(rng, 60) for _ in range(12))),
+    ]
+    return rows, {"near_kept": "near-b", "near_dup": "near-c", "exact_kept": "exact-a", "exact_dup": "exact-b"}
+
+
+def read(root: Path, name: str) -> list[dict]:
+    return pq.read_table(root / "clean" / f"{name}.parquet").to_pylist()
+
+
+@pytest.fixture(scope="module")
+def cleaned(tmp_path_factory):
+    root = tmp_path_factory.mktemp("clean")
+    rows, roles = corpus()
+    write_extracted(root, rows)
+    cfg = make_cfg(root, clean={"min_chars": 50, "max_chars": 2000})
+    m = run_clean(cfg)
+    return root, cfg, m, roles
+
+
+def test_counts_add_up(cleaned):
+    root, _, m, _ = cleaned
+    k = m["counts"]
+    assert k["documents_in"] == 12 + 8 + 6 + 11
+    assert k["documents_in"] == k["kept"] + k["rejected"]
+    rejects = pq.read_table(root / "clean" / "rejects.parquet")
+    assert rejects.num_rows == k["rejected"] == sum(k["rejects_by_reason"].values())
+    for cat, v in k["by_category"].items():
+        assert v["documents_in"] == v.get("kept", 0) + v.get("rejected", 0), cat
+    kept_rows = sum(len(read(root, c)) for c in m["categories"])
+    assert kept_rows == k["rows_out"]
+    assert "files" in m and "rejects.parquet" in m["files"]
+
+
+def test_duplicates_removed_with_reasons(cleaned):
+    root, _, m, roles = cleaned
+    rej = {r["doc_id"]: r for r in pq.read_table(root / "clean" / "rejects.parquet").to_pylist()}
+    assert rej[roles["near_dup"]]["reason"] == "near_duplicate"
+    assert rej[roles["near_dup"]]["detail"].startswith(roles["near_kept"])
+    assert rej[roles["exact_dup"]]["reason"] == "exact_duplicate"
+    assert rej[roles["exact_dup"]]["detail"] == roles["exact_kept"]
+    kept = {r["doc_id"] for c in m["categories"] for r in read(root, c)}
+    assert roles["near_kept"] in kept and roles["exact_kept"] in kept
+    assert m["counts"]["by_category"]["product_descriptions"]["near_dup_removed"] == 1
+    assert m["counts"]["near_dup_clusters_removed"]["product_descriptions"] == 1
+
+
+def test_bad_rows_rejected_not_dropped(cleaned):
+    root, _, m, _ = cleaned
+    rej = {r["doc_id"]: r for r in pq.read_table(root / "clean" / "rejects.parquet").to_pylist()}
+    assert rej["short-1"]["reason"] == "too_short"
+    assert rej["empty-1"]["reason"] == "empty" and rej["null-1"]["reason"] == "empty"
+    assert "articles.parquet row" in rej["null-1"]["detail"]  # names file and row
+    assert rej["weird-1"]["reason"] == "unknown_category"
+    assert rej["symbols-1"]["reason"] in {"low_alpha", "symbol_ratio"}
+
+
+def test_pii_boilerplate_and_code(cleaned):
+    root, _, m, _ = cleaned
+    pii = next(r for r in read(root, "articles") if r["doc_id"] == "pii-1")
+    assert "jane.doe@example.com" not in pii["text"] and EMAIL in pii["text"]
+    assert "555" not in pii["text"] and PHONE in pii["text"]
+    recipes = read(root, "recipes")
+    assert recipes and all(FOOTER not in r["text"] for r in recipes)
+    assert m["counts"]["boilerplate_lines"] >= 12
+    code = read(root, "code")
+    assert len(code) == 6  # no alpha/symbol rule for code; repeated imports are content
+    assert all(r["text"].startswith("import numpy as np") and "\n    return" in r["text"] for r in code)
+
+
+def test_long_document_split_into_parts(cleaned):
+    root, cfg, _, _ = cleaned
+    parts = [r for r in read(root, "articles") if r["dup_cluster"] == "long-1"]
+    assert len(parts) >= 3
+    assert [p["doc_id"] for p in parts] == [f"long-1-p{i}" for i in range(len(parts))]
+    assert all(p["n_chars"] == len(p["text"]) <= cfg.clean.max_chars for p in parts)
+    assert all(not p["text"].startswith(" ") and "\n\n\n" not in p["text"] for p in parts)
+    assert split_parts("a " * 50, 20) and all(len(p) <= 20 for p in split_parts("a " * 50, 20))
+
+
+def test_rerun_is_skipped_and_change_rebuilds(cleaned, caplog):
+    root, cfg, m, _ = cleaned
+    with caplog.at_level(logging.INFO, logger="tasks.clean"):
+        again = run_clean(cfg)
+    assert again["created_at"] == m["created_at"] and "clean: up to date" in caplog.text
+    changed = make_cfg(root, clean={"min_chars": 60, "max_chars": 2000})
+    assert run_clean(changed)["fingerprint"] != m["fingerprint"]
+
+
+def test_deterministic_whatever_the_row_order(tmp_path):
+    rows, _ = corpus(seed=1)
+    write_extracted(tmp_path / "a", [dict(r) for r in rows])
+    rng = random.Random(7)
+    shuffled = [dict(r) for r in rows]
+    rng.shuffle(shuffled)
+    write_extracted(tmp_path / "b", shuffled)
+    out = []
+    for d in ("a", "b"):
+        m = run_clean(make_cfg(tmp_path / d, clean={"min_chars": 50, "max_chars": 2000}))
+        rej = pq.read_table(tmp_path / d / "clean" / "rejects.parquet").to_pylist()
+        out.append(({r["doc_id"]: (r["reason"], r["detail"]) for r in rej if "row" not in (r["detail"] or "")},
+                    m["counts"]["kept"]))
+    assert out[0] == out[1]
+
+
+def test_missing_category_and_no_input(tmp_path):
+    write_extracted(tmp_path, [doc("only-1", "recipes", words(random.Random(3), 80))])
+    m = run_clean(make_cfg(tmp_path, clean={"min_chars": 50}))
+    assert m["categories"] == ["recipes"] and m["counts"]["kept"] == 1
+
+
+@pytest.mark.parametrize(
+    "text,emails,phones",
+    [("mail bob@mail.example.org now", 1, 0), ("tel 030 1234 5678.", 0, 1), ("call 555-123-4567", 0, 1),
+     ("bake 180 for 25 min on 2024-01-15, 250 200 180 g, v1.2.3", 0, 0), ("+44 20 7946 0958", 0, 1)],
+)
+def test_scrub_pii(text, emails, phones):
+    out, ne, np_ = scrub_pii(text)
+    assert (ne, np_) == (emails, phones), out
+
+
+def test_worker_processes_give_the_same_output(tmp_path):
+    rows, _ = corpus(seed=2)
+    for d in ("one", "two"):
+        write_extracted(tmp_path / d, [dict(r) for r in rows])
+    cfg = {"clean": {"min_chars": 50, "max_chars": 2000}}
+    m1 = run_clean(make_cfg(tmp_path / "one", **cfg), workers=1)
+    m2 = run_clean(make_cfg(tmp_path / "two", **cfg), workers=2)
+    assert m1["counts"] == m2["counts"]
+    for name in m1["categories"] + ["rejects"]:
+        a = pq.read_table(tmp_path / "one" / "clean" / f"{name}.parquet").to_pylist()
+        b = pq.read_table(tmp_path / "two" / "clean" / f"{name}.parquet").to_pylist()
+        strip = lambda rs: [{k: v for k, v in r.items() if k != "detail" or "row" not in str(v)} for r in rs]  # noqa: E731
+        assert strip(a) == strip(b), name
+
+
+def test_unreadable_file_is_named(tmp_path):
+    write_extracted(tmp_path, [doc("r-1", "recipes", words(random.Random(4), 80))])
+    (tmp_path / "extracted" / "articles.parquet").write_bytes(b"not parquet")
+    with pytest.raises(ValueError, match="articles.parquet: not a readable Parquet file"):
+        run_clean(make_cfg(tmp_path))
