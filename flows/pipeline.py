@@ -12,15 +12,12 @@ from typing import Any
 
 from prefect import flow, get_run_logger
 
+from flows.prepare import prepare
 from scrapers.testsite import demo_site_env
-from tasks.clean import clean
 from tasks.config import load_config
 from tasks.evaluate import evaluate
 from tasks.extract import extract
-from tasks.mix import mix
 from tasks.scrape import scrape
-from tasks.split import split
-from tasks.tokenize import tokenize
 from tasks.train import train
 
 
@@ -34,10 +31,8 @@ def data_to_adapter(config: str = "configs/demo.yaml", overrides: list[str] | No
     with demo_site_env(cfg):  # serves the bundled demo website on loopback when the config asks for it
         scraped = scrape(d)
     extracted = extract(d)
-    cleaned = clean(d)
-    split(d)
-    mixed = mix(d)
-    tok = tokenize(d)
+    prepared = prepare(config=config, overrides=overrides)
+    cleaned, mixed, tok = prepared["clean"], prepared["mix"], prepared["tokenize"]
     trained = train(d)
     report = evaluate(d)
     summary = {
