@@ -32,8 +32,12 @@ demo: venv
 test: venv
 	$(PY) -m pytest -m "not gpu"
 
+# `make server`: a Prefect server + UI on 127.0.0.1:$(SERVER_PORT) serving the deployments of $(SERVER_CONFIG);
+# SQLite in $(PREFECT_HOME) unless PREFECT_SERVER_DATABASE_CONNECTION_URL points at PostgreSQL. Ctrl-C stops all.
+SERVER_PORT ?= 4200
+SERVER_CONFIG ?= configs/demo.yaml
 server: venv
-	$(VENV)/bin/d2a server
+	$(VENV)/bin/d2a server --port $(SERVER_PORT) $(foreach c,$(SERVER_CONFIG),--config $(c))
 
 clean-data:
 	rm -rf data/demo data/prefect

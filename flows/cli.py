@@ -1,8 +1,12 @@
 """``d2a``: the command line.
 
-    d2a run   [--config configs/demo.yaml] [section.key=value ...]   the whole DAG as a Prefect flow run
-    d2a stage NAME --config FILE [section.key=value ...]            one stage, no Prefect server needed
-    d2a generate --run DIR --prompt TEXT                            answer with a trained adapter
+    d2a run   [--config configs/demo.yaml] [--force STAGE ...] [section.key=value ...]
+                                           the whole DAG as a Prefect flow run (ephemeral API, no server)
+    d2a stage NAME --config FILE [--force] [section.key=value ...]
+                                           one stage on the previous stage's artifacts, no Prefect at all
+    d2a generate --run DIR --prompt TEXT   answer with a trained adapter
+    d2a server [--port 4200] [--config configs/demo.yaml ...]
+                                           a real Prefect server + UI on 127.0.0.1 serving the deployments
 """
 
 from __future__ import annotations
@@ -34,13 +38,17 @@ def _prefect_env() -> None:
         pass
 
 
-def _run_stage(name: str, config: str, overrides: list[str]) -> dict:
+def _run_stage(name: str, config: str, overrides: list[str], force: bool = False) -> dict:
     import importlib
 
     from scrapers.testsite import demo_site_env
     from tasks.config import load_config
 
     cfg = load_config(config, overrides)
+    if force:
+        from flows.pipeline import invalidate
+
+        invalidate(cfg, {name})
     fn = getattr(importlib.import_module(f"tasks.{name}"), f"run_{name}")
     if name == "scrape":
         with demo_site_env(cfg):
@@ -54,20 +62,40 @@ def main(argv: list[str] | None = None) -> int:
     sub = ap.add_subparsers(dest="cmd", required=True)
     r = sub.add_parser("run", help="run the whole data-to-adapter flow")
     r.add_argument("--config", default="configs/demo.yaml")
+    r.add_argument("--force", action="append", default=[], metavar="STAGE",
+                   choices=("all", "prepare", *STAGES),
+                   help="re-run STAGE even if up to date (repeatable; 'all', 'prepare' or a stage name)")
     r.add_argument("overrides", nargs="*", help="section.key=value")
     s = sub.add_parser("stage", help="run one stage on the previous stage's artifacts, without Prefect")
     s.add_argument("name", choices=STAGES)
     s.add_argument("--config", required=True)
+    s.add_argument("--force", action="store_true", help="re-run the stage even if it is up to date")
     s.add_argument("overrides", nargs="*", help="section.key=value")
+    v = sub.add_parser("server", help="a Prefect server + UI on 127.0.0.1 serving the deployments (Ctrl-C stops)")
+    v.add_argument("--host", default=os.environ.get("D2A_SERVER_HOST", "127.0.0.1"),
+                   help="address to listen on (default 127.0.0.1: this machine only)")
+    v.add_argument("--port", type=int, default=int(os.environ.get("D2A_SERVER_PORT", "4200")),
+                   help="API and UI port (default 4200, or $D2A_SERVER_PORT)")
+    v.add_argument("--config", action="append", help="pipeline config whose deployments to serve (repeatable; "
+                                                     "default configs/demo.yaml)")
+    v.add_argument("--limit", type=int, default=None, help="most flow runs at once")
+    v.add_argument("--no-schedule", action="store_true", help="register rescrape-and-retrain without its cron")
     g = sub.add_parser("generate", help="answer a prompt with a trained adapter")
     g.add_argument("rest", nargs=argparse.REMAINDER)
-    # overrides (section.key=value) may come before or after options
-    a, extra = ap.parse_known_args(argv)
-    if a.cmd == "generate":
+    raw = sys.argv[1:] if argv is None else list(argv)
+    if raw[:1] == ["generate"]:  # everything after it belongs to tasks.generate (its options start with --)
         from tasks.generate import main as gen_main
 
-        gen_main(a.rest)
+        gen_main(raw[1:])
         return 0
+    # overrides (section.key=value) may come before or after options
+    a, extra = ap.parse_known_args(raw)
+    if a.cmd == "server":
+        if extra:
+            ap.error(f"unrecognized arguments: {' '.join(extra)}")
+        from flows.server import run_server
+
+        return run_server(a.host, a.port, a.config, a.limit, not a.no_schedule)
     bad = [x for x in extra if "=" not in x or x.startswith("-")]
     if bad:
         ap.error(f"unrecognized arguments: {' '.join(bad)}")
@@ -77,12 +105,12 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if a.cmd == "stage":
             logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s", force=True)
-            m = _run_stage(a.name, a.config, a.overrides)
+            m = _run_stage(a.name, a.config, a.overrides, a.force)
             print(json.dumps({"stage": a.name, "counts": m.get("counts")}, indent=2, default=str))
             return 0
         from flows.pipeline import data_to_adapter
 
-        summary = data_to_adapter(config=a.config, overrides=a.overrides)
+        summary = data_to_adapter(config=a.config, overrides=a.overrides, force=a.force or None)
     except ConfigError as e:
         print(f"config error: {e}", file=sys.stderr)
         return 2

@@ -1,40 +1,245 @@
 """The ``data-to-adapter`` flow: every stage, in order, tracked by Prefect.
 
 Each stage is skipped when its inputs' fingerprints and its config are unchanged (see
-tasks/manifest.py), so a scheduled re-run only redoes what changed.
+tasks/manifest.py), so a scheduled re-run only redoes what changed. Prefect's own result cache is
+switched off for the stage tasks (``NO_CACHE``): the manifests are the cache, keyed by the
+fingerprints, and they stay correct whatever else touched the data root (a ``d2a stage`` run, a
+deleted directory, another flow); a Prefect cache entry would not know about any of that.
+
+``force`` re-runs stages whatever their fingerprints say (their manifests are removed first).
+
+The step helpers (``scrape_step`` ...) are shared with the stage flows and ``rescrape-and-retrain``
+(flows/deployments.py, flows/rescrape.py): each runs one stage's task and publishes its artifacts.
 """
 
 from __future__ import annotations
 
+import json
+import logging
+import math
+import shutil
 import time
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any, Literal
 
 from prefect import flow, get_run_logger
+from prefect.cache_policies import NO_CACHE
+from pydantic import Field
 
+from flows import artifacts
 from flows.prepare import prepare
 from scrapers.testsite import demo_site_env
-from tasks.config import load_config
+from tasks.config import PipelineConfig, load_config
 from tasks.evaluate import evaluate
 from tasks.extract import extract
+from tasks.promote import lineage, record_corpus, run_promote
 from tasks.scrape import scrape
 from tasks.train import train
 
+log = logging.getLogger("flows.pipeline")
 
+# --------------------------------------------------------------------------- parameter types
+# Prefect builds each flow's parameter model (pydantic) from these annotations: the UI renders a
+# typed form from its JSON schema, and the server refuses a run whose parameters do not validate.
+ConfigPath = Annotated[str, Field(min_length=1, description="Pipeline YAML, relative to the repository root "
+                                                            "(configs/demo.yaml, configs/mistral-small-24b.yaml).")]
+Overrides = Annotated[list[str] | None, Field(description="section.key=value overrides, e.g. train.max_steps=20, "
+                                                          "data_root=data/exp1.")]
+StageName = Literal["all", "scrape", "extract", "prepare", "clean", "split", "mix", "tokenize", "train", "evaluate"]
+Force = Annotated[list[StageName] | None, Field(description="Stages to re-run even if up to date ('all', or names; "
+                                                            "'prepare' = clean, split, mix, tokenize).")]
+
+TRAIN_RETRIES = 2  # relaunches of a preempted/crashed training worker (each resumes from its checkpoint)
+DATA_STAGES = ("extract", "clean", "split", "mix", "tokenize")
+ALL_STAGES = ("scrape", *DATA_STAGES, "train", "evaluate")
+_DIRS = {"extract": "extracted", "clean": "clean", "split": "split", "mix": "mix"}
+
+
+def nocache(t):
+    """The stage task without Prefect's result cache: the manifests decide what is up to date."""
+    return t.with_options(cache_policy=NO_CACHE)
+
+
+# ------------------------------------------------------------------------------------- force
+def expand_force(force: list[str] | str | bool | None) -> set[str]:
+    if force is True or force == "all":
+        return set(ALL_STAGES)
+    if not force:
+        return set()
+    names = [force] if isinstance(force, str) else list(force)
+    out: set[str] = set()
+    for n in names:
+        if n == "all":
+            out |= set(ALL_STAGES)
+        elif n == "prepare":
+            out |= {"clean", "split", "mix", "tokenize"}
+        elif n in ALL_STAGES:
+            out.add(n)
+        else:
+            raise ValueError(f"force: unknown stage {n!r}; expected all, prepare or one of {', '.join(ALL_STAGES)}")
+    return out
+
+
+def invalidate(cfg: PipelineConfig, stages: set[str], logger: logging.Logger | None = None) -> list[str]:
+    """Make the given stages run again: remove their manifests (the data stay until rebuilt).
+
+    A forced ``train`` starts its run directory over (checkpoints, adapter, metrics), since a
+    manifest-less run dir would otherwise resume from its last checkpoint; ``evaluate`` removes
+    ``eval.json``. ``scrape`` always runs (conditional requests), so forcing it changes nothing.
+    Returns what was removed."""
+    logger = logger or log
+    root = cfg.root
+    removed: list[str] = []
+    if "train" in stages or "evaluate" in stages:
+        run_dir = _current_run_dir(cfg)  # before the tokenize manifest that names it goes
+        if run_dir is not None and run_dir.is_dir():
+            if "train" in stages:
+                for name in ("manifest.json", "adapter", "checkpoints", "metrics.jsonl", "tensorboard", "eval.json",
+                             "dashboards", "promotion.json"):
+                    p = run_dir / name
+                    if p.exists():
+                        shutil.rmtree(p) if p.is_dir() else p.unlink()
+                        removed.append(str(p))
+            elif (run_dir / "eval.json").is_file():
+                (run_dir / "eval.json").unlink()
+                removed.append(str(run_dir / "eval.json"))
+    for s in stages & set(_DIRS):
+        p = root / _DIRS[s] / "manifest.json"
+        if p.is_file():
+            p.unlink()
+            removed.append(str(p))
+    if "tokenize" in stages:
+        for p in (root / "tokenized").glob("*/manifest.json"):
+            p.unlink()
+            removed.append(str(p))
+    if "scrape" in stages:
+        logger.info("force: scrape always runs (conditional requests); nothing to invalidate")
+    if removed:
+        logger.info("force %s: removed %s", sorted(stages), ", ".join(removed))
+    return removed
+
+
+def _current_run_dir(cfg: PipelineConfig) -> Path | None:
+    from tasks.train import run_dir_for
+
+    try:
+        return run_dir_for(cfg)
+    except FileNotFoundError:  # not tokenized yet: no run for this config
+        return None
+
+
+# -------------------------------------------------------------------------------- stage status
+def existing_outputs(cfg: PipelineConfig) -> dict[str, str]:
+    """fingerprint -> created_at of every stage output under the data root (manifests and eval reports)."""
+    root = cfg.root
+    paths = [root / d / "manifest.json" for d in ("raw", *_DIRS.values())]
+    paths += list((root / "tokenized").glob("*/manifest.json"))
+    paths += list((root / "runs").glob("*/manifest.json")) + list((root / "runs").glob("*/eval.json"))
+    out = {}
+    for p in paths:
+        try:
+            m = json.loads(p.read_text(encoding="utf-8"))
+        except (OSError, json.JSONDecodeError):
+            continue
+        if m.get("fingerprint"):
+            out[m["fingerprint"]] = m.get("created_at")
+    return out
+
+
+def status_of(before: dict[str, str], m: dict[str, Any]) -> dict[str, Any]:
+    """'up to date' when the stage returned the very output that existed before it ran."""
+    fp, created = m.get("fingerprint"), m.get("created_at")
+    return {"status": "up to date (skipped)" if fp in before and before[fp] == created else "ran",
+            "fingerprint": fp, "created_at": created}
+
+
+# --------------------------------------------------------------------------------- the steps
+def scrape_step(cfg: PipelineConfig, d: dict[str, Any]) -> dict[str, Any]:
+    with demo_site_env(cfg):  # serves the bundled demo website on loopback when the config asks for it
+        m = nocache(scrape)(d)
+    artifacts.publish_scrape(cfg, m)
+    return m
+
+
+def expected_steps(cfg: PipelineConfig, tok_m: dict[str, Any]) -> int | None:
+    tc = cfg.train
+    if tc.max_steps:
+        return tc.max_steps
+    rows = tok_m.get("counts", {}).get("train", {}).get("rows")
+    if not rows:
+        return None
+    per_epoch = rows // tc.num_processes // (tc.micro_batch_size * tc.grad_accum)
+    return math.ceil(tc.epochs * per_epoch) or None
+
+
+def train_step(cfg: PipelineConfig, d: dict[str, Any], tok_m: dict[str, Any] | None = None) -> dict[str, Any]:
+    from tasks.train import run_dir_for
+
+    run_dir = run_dir_for(cfg)
+    with artifacts.training_progress(cfg, run_dir, expected_steps(cfg, tok_m or {})):
+        # a preempted (exit 75) or crashed worker fails the task; the retry relaunches it and it resumes
+        # from its newest verified checkpoint. A cancelled flow run is not retried.
+        m = nocache(train).with_options(retries=TRAIN_RETRIES, retry_delay_seconds=10)(d)
+    artifacts.publish_training(cfg, Path(m["run_dir"]), m)
+    return m
+
+
+def evaluate_step(cfg: PipelineConfig, d: dict[str, Any]) -> dict[str, Any]:
+    report = nocache(evaluate)(d)
+    artifacts.publish_eval(cfg, report)
+    run_dir = Path(report["run_dir"])
+    artifacts.publish_lineage(cfg, lineage(cfg, run_dir))
+    return report
+
+
+def promote_step(cfg: PipelineConfig, run_dir: Path, logger: logging.Logger) -> dict[str, Any]:
+    record_corpus(run_dir, cfg.root)  # the pages this adapter was made from: the next re-scrape's baseline
+    p = run_promote(cfg, Path(run_dir), logger)
+    artifacts.publish_promotion(cfg, p)
+    return p
+
+
+# ---------------------------------------------------------------------------------- the flow
 @flow(name="data-to-adapter", log_prints=True)
-def data_to_adapter(config: str = "configs/demo.yaml", overrides: list[str] | None = None) -> dict[str, Any]:
-    """Scrape -> extract -> clean+dedup -> split -> mix -> tokenize -> train QLoRA -> evaluate."""
+def data_to_adapter(config: ConfigPath = "configs/demo.yaml", overrides: Overrides = None,
+                    force: Force = None,
+                    promote: Annotated[bool, Field(description="Mark the adapter current if it is not worse than "
+                                                               "the current one (schedule.promote_tolerance).")] = True,
+                    ) -> dict[str, Any]:
+    """Scrape -> extract -> clean+dedup -> split -> mix -> tokenize -> train QLoRA -> evaluate (-> promote).
+
+    Args:
+        config: Pipeline YAML, relative to the repository root (configs/demo.yaml, configs/mistral-small-24b.yaml).
+        overrides: section.key=value overrides, e.g. train.max_steps=20 or data_root=data/exp1.
+        force: Stages to re-run even if their inputs and config are unchanged ('all'; 'prepare' = clean, split,
+            mix, tokenize).
+        promote: Mark the new adapter current unless it is worse than the current one in some category by more
+            than schedule.promote_tolerance.
+    """
     logger = get_run_logger()
     t0 = time.time()
     cfg = load_config(config, overrides or [])
+    invalidate(cfg, expand_force(force), logger)
+    before = existing_outputs(cfg)
     d = cfg.model_dump(mode="json")
-    with demo_site_env(cfg):  # serves the bundled demo website on loopback when the config asks for it
-        scraped = scrape(d)
-    extracted = extract(d)
+    status: dict[str, dict[str, Any]] = {}
+    scraped = scrape_step(cfg, d)
+    status["scrape"] = status_of(before, scraped)
+    extracted = nocache(extract)(d)
+    status["extract"] = status_of(before, extracted)
     prepared = prepare(config=config, overrides=overrides)
     cleaned, mixed, tok = prepared["clean"], prepared["mix"], prepared["tokenize"]
-    trained = train(d)
-    report = evaluate(d)
+    for k in ("clean", "split", "mix", "tokenize"):
+        status[k] = status_of(before, prepared[k])
+    artifacts.publish_mixture(cfg, mixed)
+    trained = train_step(cfg, d, tok)
+    status["train"] = status_of(before, trained)
+    report = evaluate_step(cfg, d)
+    status["evaluate"] = status_of(before, report)
+    artifacts.publish_stages(cfg, status)
+    for k, v in status.items():
+        logger.info("stage %-9s %s", k, v["status"])
+    promotion = promote_step(cfg, Path(trained["run_dir"]), logger) if promote else None
     summary = {
         "data_root": str(cfg.root),
         "documents": {"pages": scraped["counts"]["pages"], "extracted": extracted["counts"]["kept"],
@@ -47,6 +252,8 @@ def data_to_adapter(config: str = "configs/demo.yaml", overrides: list[str] | No
         "dashboards": report["dashboards"],
         "overall_loss": {"base": report["overall"]["base"]["loss"], "adapter": report["overall"]["adapter"]["loss"]},
         "sample": report["samples"][0],
+        "stages": {k: v["status"] for k, v in status.items()},
+        "promoted": None if promotion is None else promotion["promoted"],
         "wall_s": round(time.time() - t0, 1),
     }
     logger.info("done in %.0fs; adapter: %s", summary["wall_s"], summary["adapter"])

@@ -9,7 +9,8 @@ State lives in SQLite under ``<data root>/scrape_state`` so that
 
 A *generation* is one complete crawl. URLs are routed to the source whose ``include`` prefix
 matches (longest wins), so a sitemap or a home page may feed every source of its host, and no
-URL outside every source's scope is ever requested.
+URL outside every source's scope is ever requested. The ``Sitemap:`` lines of each host's robots.txt
+are read too (``scrape.follow_robots_sitemaps``); the pages they list are routed the same way.
 """
 
 from __future__ import annotations
@@ -26,14 +27,14 @@ from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
-from urllib.parse import urlsplit
+from urllib.parse import urljoin, urlsplit
 
 import lxml.etree
 import lxml.html
 
-from scrapers.common import decode_body, normalize_url, path_query
+from scrapers.common import decode_body, normalize_url, origin, path_query
 from scrapers.fetcher import (SITEMAP_TYPES, Decision, FetcherSettings, FetchLog, HostAllowList,
-                              PoliteFetcher, _links)
+                              PoliteFetcher, _links, _robots_directives)
 from tasks.config import ScrapeConfig, SourceConfig
 
 log = logging.getLogger("scrapers.crawl")
@@ -57,6 +58,11 @@ def check_sources(sources: list[SourceConfig]) -> tuple[list[SourceConfig], list
                       "(add permission: {evidence_url, license, note} to the sources file)")
         elif not s.permission.evidence_url.strip() or not s.permission.license.strip():
             reason = f"source {s.id!r} refused: permission needs both evidence_url and license"
+        elif s.kind == "dataset":
+            from scrapers.dataset_import import check as check_dataset
+            reason = check_dataset(s)
+        elif s.path:
+            reason = f"source {s.id!r} refused: path is for kind: dataset (this source is kind: web)"
         elif not (s.start_urls or s.sitemaps):
             reason = f"source {s.id!r} refused: no start_urls or sitemaps"
         else:
@@ -95,6 +101,10 @@ class Router:
                 self._by_host.setdefault(h, []).extend((p, s) for p in prefixes)
         for rules in self._by_host.values():
             rules.sort(key=lambda r: -len(r[0]))  # stable: ties keep source order
+
+    def source_for_host(self, netloc: str) -> SourceConfig | None:
+        rules = self._by_host.get(netloc)
+        return rules[-1][1] if rules else None
 
     def route(self, url: str) -> SourceConfig | None:
         p = urlsplit(url)
@@ -155,6 +165,10 @@ class CrawlState:
         self._db.execute("PRAGMA journal_mode=WAL")
         self._db.execute("PRAGMA synchronous=NORMAL")
         self._db.executescript(_SCHEMA)
+        try:  # added later: the page's own nofollow (header or meta), so a 304 does not follow its links
+            self._db.execute("ALTER TABLE url ADD COLUMN nofollow INTEGER NOT NULL DEFAULT 0")
+        except sqlite3.OperationalError:
+            pass  # already there
         self._lock = threading.Lock()
 
     def close(self) -> None:
@@ -215,14 +229,16 @@ class CrawlState:
         self._q(f"UPDATE url SET {cols} WHERE url=?", (*fields.values(), url))
 
     # -- publishing --------------------------------------------------------------------------
-    def published_rows(self, gen: int, order: str = "category, url") -> Iterator[sqlite3.Row]:
-        """Pages to publish for ``gen``, streamed from the database (only call once the crawl is over)."""
+    def published_rows(self, gen: int, order: str = "category, url", category: str | None = None
+                       ) -> Iterator[sqlite3.Row]:
+        """Pages to publish for ``gen`` (of one category if given), streamed (only once the crawl is over)."""
         if order not in ("category, url", "source_id, category, pathq"):
             raise ValueError(f"unsupported order {order!r}")
+        where = " AND category=?" if category is not None else ""
         cur = self._db.execute(
             "SELECT url, pathq, final_url, fetched_at, body_status, etag, last_modified, content_type, sha256, "
-            f"category, source_id, license, decision FROM url WHERE visited_gen=? AND publish=1 AND kind='page' "
-            f"ORDER BY {order}", (gen,))
+            f"category, source_id, license, decision FROM url WHERE visited_gen=? AND publish=1 AND kind='page'"
+            f"{where} ORDER BY {order}", (gen,) if category is None else (gen, category))
         yield from cur
 
     def pages_fingerprint(self, gen: int) -> tuple[str, int]:
@@ -279,7 +295,8 @@ class Crawler:
         self.fetcher = PoliteFetcher(FetcherSettings(
             user_agent=cfg.user_agent, min_delay_s=cfg.min_delay_s, timeout_s=cfg.timeout_s,
             max_bytes=cfg.max_bytes, max_retries=cfg.max_retries,
-            allow_private_addresses=cfg.allow_private_addresses, respect_noindex=cfg.respect_noindex), allow, fetch_log)
+            allow_private_addresses=cfg.allow_private_addresses, respect_noindex=cfg.respect_noindex,
+            max_crawl_delay_s=cfg.max_crawl_delay_s, robots_ttl_s=cfg.robots_ttl_s), allow, fetch_log)
         self.fetch_log = fetch_log
         self.max_hosts_parallel = max_hosts_parallel
         self._counts_lock = threading.Lock()
@@ -287,6 +304,7 @@ class Crawler:
         self._out_of_scope = 0
         self._over_max = 0
         self._pages_done = 0
+        self._robots_sitemaps_done: set[str] = set()
 
     def run(self, gen: int, resumed: bool, prev: int, stop: threading.Event | None = None) -> CrawlSummary:
         """Crawl generation ``gen`` (from ``CrawlState.begin``) until every host's frontier is empty."""
@@ -340,6 +358,11 @@ class Crawler:
             row = self.state.next_url(host, self.gen)
             if row is None:
                 return
+            if self.cfg.follow_robots_sitemaps:
+                self._queue_robots_sitemaps(row["url"])
+                row = self.state.next_url(host, self.gen)  # a sitemap just queued goes first
+                if row is None:
+                    return
             try:
                 if row["kind"] == "sitemap":
                     self._do_sitemap(row)
@@ -349,6 +372,23 @@ class Crawler:
                 log.exception("crawler error on %s", row["url"])
                 self.state.update(row["url"], visited_gen=self.gen, decision=Decision.ERROR.value,
                                   reason=f"crawler error: {type(e).__name__}: {e}", publish=0)
+
+    def _queue_robots_sitemaps(self, url: str) -> None:
+        """Queue the ``Sitemap:`` URLs of this origin's robots.txt (once per crawl), if they are in scope.
+
+        A sitemap belongs to the first source of its host; the pages it lists are routed like links,
+        so a sitemap cannot widen any source's scope. Sitemaps on other hosts are not followed.
+        """
+        org = origin(url)
+        if org in self._robots_sitemaps_done:
+            return
+        self._robots_sitemaps_done.add(org)
+        for sm in self.fetcher.robots_sitemaps(org):
+            src = self.router.source_for_host(urlsplit(sm).netloc)
+            if src is None or self.fetcher.allow.check(sm):
+                log.info("%s/robots.txt: sitemap %s is not on an allow-listed host; not followed", org, sm)
+                continue
+            self.state.enqueue(sm, "sitemap", src, 1, self.gen)
 
     def _enqueue_page(self, url: str, source: SourceConfig, depth: int) -> None:
         with self._counts_lock:
@@ -396,18 +436,20 @@ class Crawler:
             change = "new" if not row["sha256"] else ("unchanged" if row["sha256"] == sha else "changed")
             upd.update(final_url=res.final_url or url, content_type=res.content_type, etag=res.etag,
                        last_modified=res.last_modified, sha256=sha, fetched_at=res.fetched_at,
-                       body_status=res.status, change=change, publish=1)
+                       body_status=res.status, change=change, publish=1, nofollow=int(res.nofollow))
             links = res.links
         elif res.decision == Decision.NOT_MODIFIED and have_body:
             # the stored body is still current: republish it and crawl its links again
             upd.update(change="unchanged", publish=1, fetched_at=res.fetched_at,
                        etag=res.etag or row["etag"], last_modified=res.last_modified or row["last_modified"])
-            links = stored_links(self.state.blobs.get(row["sha256"]), row["content_type"], row["final_url"] or url)
+            links = [] if row["nofollow"] else stored_links(self.state.blobs.get(row["sha256"]), row["content_type"],
+                                                            row["final_url"] or url, self.fetcher.s.agent_token)
         elif res.decision == Decision.ERROR and have_body and (res.status is None or res.status >= 500
                                                                 or res.status == 429):
             # a transient failure must not lose what was scraped before: keep the old body, marked stale
             upd.update(change="stale_kept", publish=1)
-            links = stored_links(self.state.blobs.get(row["sha256"]), row["content_type"], row["final_url"] or url)
+            links = [] if row["nofollow"] else stored_links(self.state.blobs.get(row["sha256"]), row["content_type"],
+                                                            row["final_url"] or url, self.fetcher.s.agent_token)
         else:
             upd.update(publish=0)
         # links first, then "visited": a kill between the two refetches one page instead of losing its links
@@ -421,7 +463,7 @@ def hashlib_sha256(body: bytes) -> str:
     return hashlib.sha256(body).hexdigest()
 
 
-def stored_links(body: bytes, content_type: str | None, base: str) -> list[str]:
+def stored_links(body: bytes, content_type: str | None, base: str, agent: str = "") -> list[str]:
     """Links of a stored HTML body (a 304 means the page, and so its links, are unchanged)."""
     if not content_type or "html" not in content_type.lower():
         return []
@@ -431,9 +473,13 @@ def stored_links(body: bytes, content_type: str | None, base: str) -> list[str]:
                                             parser=lxml.html.HTMLParser(encoding="utf-8"))
     except (ValueError, lxml.etree.ParserError):
         return []
-    for meta in doc.iter("meta"):
-        if (meta.get("name") or "").lower() == "robots" and "nofollow" in (meta.get("content") or "").lower():
-            return []
+    values = [meta.get("content") or "" for meta in doc.iter("meta")
+              if (meta.get("name") or "").strip().lower() in ("robots", agent)]
+    if "nofollow" in _robots_directives(values, agent):
+        return []
+    base_el = doc.find(".//base")
+    if base_el is not None and base_el.get("href"):
+        base = urljoin(base, base_el.get("href"))
     return _links(doc, base)
 
 

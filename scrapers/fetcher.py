@@ -9,6 +9,12 @@ Order of checks for one URL (each refusal is a logged decision, never an excepti
 
 The socket layer re-checks the address it actually connects to, so a DNS answer that changes
 between the check and the connection (rebinding) cannot reach a private address either.
+
+Politeness is never traded for speed: a robots.txt Crawl-delay / Request-rate above
+``max_crawl_delay_s`` skips the host (refused_robots) rather than crawling it faster than asked, and
+a Retry-After above ``max_retry_after_s`` leaves the whole host alone for that long. Bodies are
+read with a total deadline (3 x timeout_s) as well as the per-read timeout, so a slow-drip server
+cannot hold a worker. Sessions keep no cookies and send no credentials, to any host.
 """
 
 from __future__ import annotations
@@ -40,13 +46,15 @@ from urllib3.connectionpool import HTTPConnectionPool, HTTPSConnectionPool
 from urllib3.exceptions import NewConnectionError
 from urllib3.util import connection as u3connection
 
-from scrapers.common import decode_body, normalize_url, origin
+from urllib3.exceptions import HTTPError as Urllib3Error
+
+from scrapers.common import decode_body, looks_binary, normalize_url, origin
 
 log = logging.getLogger("scrapers.fetcher")
 
 MAX_REDIRECTS = 5
 MAX_RETRY_AFTER_S = 60.0  # a server asking for a longer pause gets it, but this crawl gives up on the URL
-MAX_CRAWL_DELAY_S = 300.0
+MAX_CRAWL_DELAY_S = 300.0  # default bound; a host asking for more is skipped, never crawled faster
 ROBOTS_MAX_BYTES = 512 * 1024  # RFC 9309: parse at least 500 KiB; the rest is ignored
 ROBOTS_TTL_S = 24 * 3600.0
 PAGE_TYPES = ("text/html", "application/xhtml+xml", "text/plain")
@@ -308,6 +316,8 @@ class FetcherSettings:
     allow_private_addresses: list[str] = field(default_factory=list)
     respect_noindex: bool = True
     max_retry_after_s: float = MAX_RETRY_AFTER_S
+    max_crawl_delay_s: float = MAX_CRAWL_DELAY_S
+    robots_ttl_s: float = ROBOTS_TTL_S
 
     @property
     def agent_token(self) -> str:
@@ -334,6 +344,8 @@ class PoliteFetcher:
         self._tdm: dict[str, list[dict[str, Any]]] = {}
         self._origin_locks: dict[str, threading.Lock] = {}
         self._lock = threading.Lock()
+        # hosts that asked (Retry-After) for a longer pause than this crawl waits: skipped until then
+        self._backed_off: dict[str, tuple[float, int, str]] = {}
         self._local = threading.local()
 
     # -- sessions: one per thread (requests.Session is not thread-safe); no cookies, no env proxies/netrc
@@ -386,17 +398,29 @@ class PoliteFetcher:
         if rb and rb.parser is not None:
             cd = rb.parser.crawl_delay(self.s.agent_token)
             if cd:
-                delay = max(delay, min(float(cd), MAX_CRAWL_DELAY_S))
+                delay = max(delay, float(cd))
             rr = rb.parser.request_rate(self.s.agent_token)
             if rr and rr.requests:
-                delay = max(delay, min(rr.seconds / rr.requests, MAX_CRAWL_DELAY_S))
+                delay = max(delay, rr.seconds / rr.requests)
         return delay
+
+    def robots_sitemaps(self, org: str) -> list[str]:
+        """Absolute URLs of the ``Sitemap:`` lines of an origin's robots.txt."""
+        rb = self.robots(org)
+        if rb.parser is None:
+            return []
+        out = []
+        for sm in rb.parser.sitemaps:
+            u = normalize_url(str(sm), org + "/")
+            if u:
+                out.append(u)
+        return list(dict.fromkeys(out))
 
     def robots(self, org: str) -> _Robots:
         """robots.txt of an origin, fetched once and refreshed after a day (RFC 9309 status rules)."""
         with self._origin_lock(org):
             rb = self._robots.get(org)
-            if rb and time.monotonic() - rb.fetched < ROBOTS_TTL_S:
+            if rb and time.monotonic() - rb.fetched < self.s.robots_ttl_s:
                 return rb
             url = org + "/robots.txt"
             res = self._get(url, accept_types=None, max_bytes=ROBOTS_MAX_BYTES, truncate=True, policy_checks=False,
@@ -416,13 +440,17 @@ class PoliteFetcher:
                 log.info("%s: %s", url, rb.note)
             self._robots[org] = rb
             # the Crawl-delay is only known now: the request after robots.txt must wait for it too
-            self.throttle.pause(urlsplit(org).netloc, self.delay_for(org))
+            self.throttle.pause(urlsplit(org).netloc, min(self.delay_for(org), self.s.max_crawl_delay_s))
             return rb
 
     def robots_allows(self, url: str) -> tuple[bool, str]:
         rb = self.robots(origin(url))
         if rb.parser is None:
             return rb.allow_all, rb.note
+        delay = self.delay_for(origin(url))
+        if delay > self.s.max_crawl_delay_s:
+            return False, (f"robots.txt asks for {delay:.0f}s between requests (Crawl-delay/Request-rate), more than "
+                           f"max_crawl_delay_s {self.s.max_crawl_delay_s:.0f}; host skipped")
         ok = rb.parser.can_fetch(url, self.s.agent_token)
         return ok, "" if ok else "disallowed by robots.txt"
 
@@ -529,7 +557,10 @@ class PoliteFetcher:
         host = urlsplit(url).netloc
         attempt = 0
         while True:
-            with self.throttle.slot(host, self.delay_for(org)):
+            off = self._backed_off.get(host)
+            if off and off[0] > time.monotonic():
+                raise _Abort(FetchResult(first_url, Decision.ERROR, off[2], off[1], final_url=url))
+            with self.throttle.slot(host, min(self.delay_for(org), self.s.max_crawl_delay_s)):
                 try:
                     resp = self._session().get(url, headers=headers, allow_redirects=False, stream=True,
                                                timeout=(self.s.timeout_s, self.s.timeout_s))
@@ -541,11 +572,14 @@ class PoliteFetcher:
                 if err is None and status in (429, 503):
                     ra = _retry_after(resp.headers.get("Retry-After"))
                     if ra is not None and ra > self.s.max_retry_after_s:
+                        # the server wants a longer pause than this crawl waits: honor it by leaving the
+                        # whole host alone until then (its remaining URLs are errors; stored pages are kept)
                         resp.close()
-                        self.throttle.pause(host, self.s.max_retry_after_s)
-                        raise _Abort(FetchResult(first_url, Decision.ERROR,
-                                                 f"HTTP {status}: Retry-After {ra:.0f}s exceeds the "
-                                                 f"{self.s.max_retry_after_s:.0f}s bound", status, final_url=url))
+                        why = (f"HTTP {status}: Retry-After {ra:.0f}s exceeds the {self.s.max_retry_after_s:.0f}s "
+                               f"bound; host backed off")
+                        self._backed_off[host] = (time.monotonic() + ra, status, why)
+                        self.throttle.pause(host, ra)
+                        raise _Abort(FetchResult(first_url, Decision.ERROR, why, status, final_url=url))
                     wait = ra if ra is not None else self._backoff(org, attempt)
                 elif err is None and 500 <= status < 600:
                     wait = self._backoff(org, attempt)
@@ -604,21 +638,30 @@ class PoliteFetcher:
             body = self._read(resp, max_bytes, truncate)
             if body is None:
                 return FetchResult(first_url, Decision.REFUSED_SIZE, f"body exceeds max_bytes {max_bytes}", **base)
+            if policy_checks and accept_types is not None and looks_binary(body):
+                return FetchResult(first_url, Decision.REFUSED_TYPE,
+                                   f"binary body labelled {ctype or '(no content type)'}", **base)
             res = FetchResult(first_url, Decision.FETCHED, "", body=body, nofollow=nofollow, **base)
             if policy_checks and ctype in ("text/html", "application/xhtml+xml"):
                 self._page_optouts(res)
             return res
-        except requests.RequestException as e:
+        except (requests.RequestException, Urllib3Error, OSError) as e:
             return FetchResult(first_url, Decision.ERROR, f"reading body: {type(e).__name__}: {e}", **base)
         finally:
             resp.close()
 
     def _read(self, resp: requests.Response, max_bytes: int, truncate: bool) -> bytes | None:
-        """Stream the body; stop past ``max_bytes`` (and past a total deadline: slow-drip servers)."""
+        """Stream the body; stop past ``max_bytes`` (decoded, so a gzip bomb stops too) and past a total
+        deadline of 3 x timeout_s (a slow-drip server that sends a byte now and then never trips the
+        per-read timeout). ``read1`` returns what one read gives, so the deadline is checked that often."""
         deadline = time.monotonic() + 3 * self.s.timeout_s
         chunks: list[bytes] = []
         size = 0
-        for chunk in resp.iter_content(64 * 1024):
+        raw = resp.raw
+        while True:
+            chunk = raw.read1(64 * 1024, decode_content=True)
+            if not chunk:
+                break
             chunks.append(chunk)
             size += len(chunk)
             if size > max_bytes:

@@ -17,7 +17,7 @@ import mimetypes
 import os
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from email.utils import formatdate, parsedate_to_datetime
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -33,7 +33,7 @@ _TYPES = {".html": "text/html", ".htm": "text/html", ".txt": "text/plain", ".xml
           ".json": "application/json", ".css": "text/css", ".js": "text/javascript"}
 
 # A hook may answer a request itself: return (status, headers, body) or None to serve the file.
-Hook = Callable[[str, str, dict[str, str]], "tuple[int, dict[str, str], bytes] | None"]
+Hook = Callable[[str, str, dict[str, str]], "tuple[int, dict[str, str], bytes | Iterable[bytes]] | None"]
 
 
 @dataclass
@@ -106,15 +106,26 @@ def _make_handler(root: Path, log: RequestLog, origin_ref: list[str], hook: Hook
         def log_message(self, format: str, *args: object) -> None:  # noqa: A002 - quiet server
             pass
 
-        def _send(self, status: int, headers: dict[str, str], body: bytes, head: bool) -> None:
+        def _send(self, status: int, headers: dict[str, str], body: bytes | Iterable[bytes], head: bool) -> None:
             self.send_response(status)
             for k, v in headers.items():
                 self.send_header(k, v)
-            if status != 304:
+            streamed = not isinstance(body, (bytes, bytearray))
+            if streamed:
+                # an iterable body (a test's slow-drip or endless server): no length, close when done
+                self.send_header("Connection", "close")
+                self.close_connection = True
+            elif status != 304:
                 self.send_header("Content-Length", str(len(body)))
             self.end_headers()
-            if not head and status != 304:
+            if head or status == 304:
+                return
+            if not streamed:
                 self.wfile.write(body)
+                return
+            for chunk in body:
+                self.wfile.write(chunk)
+                self.wfile.flush()
 
         def _serve(self, head: bool) -> None:
             path = urlsplit(self.path).path

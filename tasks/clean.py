@@ -24,9 +24,26 @@ Per document, in this order:
      into parts ``<doc_id>-p<i>``; parts share ``dup_cluster`` = the original doc_id so the split
      stage keeps them on one side.
 
+Incremental (``clean.incremental``, default on): ``clean/index.parquet`` keeps, per document that
+passed validation, its input key (hash of the raw text and of its source's boilerplate set), its
+verdict (kept, or the reject reason and the kept document it duplicates), and for kept documents the
+exact-dup key and MinHash signature. On the next run a document whose key is unchanged is not cleaned
+again: its output rows (or its reject) are copied from the previous output. New and changed
+documents are cleaned and deduplicated against the stored signatures of the kept ones (which are
+inserted first, in the order they were first kept, so an earlier decision never flips), then against
+each other in doc_id order. A duplicate whose kept twin changed or disappeared is re-decided. The
+index is only used while the clean config, seed, rules and code are those that built it; otherwise
+the run is a full re-clean. The result equals a full re-clean whenever no new document is a
+near-duplicate of an older one with a larger doc_id (there, full and incremental keep different
+members of the cluster; incremental keeps the one already trained on).
+
 Memory: texts stream batch by batch (pass 1 writes cleaned survivors to a staging file; pass 2
 re-reads it, applies the dedup verdicts and writes the output). Only per-document hashes and MinHash
-signatures (num_perm x 4 bytes) stay in memory, plus the LSH index.
+signatures (num_perm x 4 bytes) of the kept documents stay in memory, plus the LSH index: about
+1 KB per kept document (56M documents of ~1,000 tokens: ~60 GB, so at that scale the dedup is run
+per band on a cluster, see README "Scaling out"). Pass 1 runs in ``clean.workers`` processes, or on
+Dask workers when an executor is given, with results taken in order: the output does not depend on
+how it ran.
 """
 
 from __future__ import annotations
@@ -44,20 +61,19 @@ from typing import Any
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 from prefect import task
 
 from tasks.config import CATEGORIES, CleanConfig, PipelineConfig, config_from_dict, dump_resolved, load_config
-from tasks.manifest import Stage, require_manifest
-from tasks.textio import CategoryWriters, Progress, category_files, iter_batches, num_rows, ordered_map
+from tasks.manifest import Stage, code_fingerprint, fingerprint, read_manifest, require_manifest
+from tasks.textio import CategoryWriters, Progress, category_files, dask_executor, iter_batches, num_rows, ordered_map
 
 log = logging.getLogger("tasks.clean")  # stable name also under python -m
 
 # Bumped when the cleaning rules change, so existing outputs are rebuilt.
-RULES_VERSION = 1
-BOILERPLATE_MIN_FRACTION = 0.30  # of a source's (sampled) documents
-BOILERPLATE_MIN_DOCS = 3
-BOILERPLATE_SAMPLE_DOCS = 5000  # per source: bounded memory for the line counts
+RULES_VERSION = 3
+# the boilerplate share/doc thresholds are clean.boilerplate_* config fields
 BOILERPLATE_MIN_LINE_CHARS = 12  # shorter lines ("Ingredients", "}") are structure, not boilerplate
 
 # Input columns (the extract stage's contract); only doc_id, text and category are required.
@@ -183,7 +199,8 @@ def quality_reject(text: str, category: str, c: CleanConfig) -> tuple[str, str] 
     alpha = len(_LETTER_RE.findall(text)) / max(denom, 1)
     if alpha < c.min_alpha_ratio:
         return "low_alpha", f"alpha ratio {alpha:.3f} < {c.min_alpha_ratio}"
-    symbols = sum(1 for ch in text if not ch.isalnum() and not ch.isspace() and _is_symbol(ch))
+    # per distinct character, not per character: a document has ~100 distinct ones and ~10^4 characters
+    symbols = sum(text.count(ch) for ch in set(text) if not ch.isalnum() and not ch.isspace() and _is_symbol(ch))
     ratio = symbols / max(non_space, 1)
     if ratio > c.max_symbol_ratio:
         return "symbol_ratio", f"symbol ratio {ratio:.3f} > {c.max_symbol_ratio}"
@@ -228,6 +245,13 @@ def exact_key(text: str) -> bytes:
     return hashlib.sha256(" ".join(text.split()).encode()).digest()[:16]
 
 
+def shingle_hash(data: bytes) -> int:
+    """32-bit shingle hash for MinHash: xxh32 (datasketch's default, SHA-1, is ~3x slower per shingle)."""
+    import xxhash
+
+    return xxhash.xxh32_intdigest(data)
+
+
 class Signer:
     """MinHash signatures of word shingles; permutations are drawn once from the seed and shared."""
 
@@ -235,7 +259,7 @@ class Signer:
         from datasketch import MinHash
 
         self._MinHash = MinHash
-        self.template = MinHash(num_perm=num_perm, seed=seed)
+        self.template = MinHash(num_perm=num_perm, seed=seed, hashfunc=shingle_hash)
         self.num_perm, self.k, self.seed = num_perm, shingle_words, seed
 
     def shingles(self, text: str) -> list[bytes]:
@@ -246,7 +270,8 @@ class Signer:
 
     def signature(self, text: str) -> np.ndarray:
         m = self._MinHash(
-            num_perm=self.num_perm, seed=self.seed, permutations=self.template.permutations, scheme=self.template.scheme
+            num_perm=self.num_perm, seed=self.seed, permutations=self.template.permutations, scheme=self.template.scheme,
+            hashfunc=shingle_hash,
         )
         m.update_batch(self.shingles(text))
         return m.hashvalues.copy()
@@ -258,14 +283,16 @@ class DedupResult:
     representative: dict[int, int] = field(default_factory=dict)  # near-dup index -> kept index
 
 
-def dedup(doc_ids: list[str], keys: list[bytes], sigs: np.ndarray, threshold: float, seed: int, scheme: str) -> DedupResult:
-    """Exact then near-duplicate removal, visiting documents in doc_id order (deterministic, and the
-    kept member of each cluster is the smallest doc_id). A near-duplicate joins the kept document
-    with the highest estimated Jaccard >= threshold (ties: the smaller doc_id)."""
+def dedup(doc_ids: list[str], keys: list[bytes], sigs: np.ndarray, threshold: float, seed: int, scheme: str,
+          n_prior: int = 0) -> DedupResult:
+    """Exact then near-duplicate removal. The first ``n_prior`` documents were kept by an earlier run:
+    they are visited first, in the given order, and always stay. The rest are visited in doc_id order
+    (deterministic, and the kept member of each new cluster is the smallest doc_id). A near-duplicate
+    joins the kept document with the highest estimated Jaccard >= threshold (ties: the smaller doc_id)."""
     from datasketch import LeanMinHash, MinHashLSH
 
     res = DedupResult()
-    order = sorted(range(len(doc_ids)), key=doc_ids.__getitem__)
+    order = list(range(n_prior)) + sorted(range(n_prior, len(doc_ids)), key=doc_ids.__getitem__)
     first: dict[bytes, int] = {}
     for i in order:
         j = first.setdefault(keys[i], i)
@@ -281,6 +308,9 @@ def dedup(doc_ids: list[str], keys: list[bytes], sigs: np.ndarray, threshold: fl
         if i in res.removed:
             continue
         m = LeanMinHash(seed=seed, hashvalues=sigs[i], scheme=scheme)
+        if i < n_prior:
+            lsh.insert(i, m, check_duplication=False)
+            continue
         best: tuple[float, str, int] | None = None
         for j in lsh.query(m):
             est = float(np.mean(sigs[i] == sigs[j]))
@@ -340,7 +370,7 @@ def _conform(batch: pa.RecordBatch, path: Path, warned: set[str]) -> pa.Table:
 
 
 def _sample_boilerplate(path: Path, c: CleanConfig, code: bool) -> dict[str, frozenset[bytes]]:
-    """Per source: keys of lines found in >= BOILERPLATE_MIN_FRACTION of its (sampled) documents."""
+    """Per source: keys of lines found in >= boilerplate_min_fraction of its (sampled) documents."""
     cols = [x for x in ("source_id", "text") if x in pq.ParquetFile(path).schema_arrow.names]
     counts: dict[str, Counter[bytes]] = defaultdict(Counter)
     docs: Counter[str] = Counter()
@@ -348,16 +378,16 @@ def _sample_boilerplate(path: Path, c: CleanConfig, code: bool) -> dict[str, fro
         d = batch.to_pydict()
         for src, text in zip(d.get("source_id") or [None] * batch.num_rows, d["text"]):
             src = src or ""
-            if not isinstance(text, str) or docs[src] >= BOILERPLATE_SAMPLE_DOCS:
+            if not isinstance(text, str) or docs[src] >= c.boilerplate_sample_docs:
                 continue
             docs[src] += 1
             lines = normalize_text(text, c.unicode_form, code).split("\n")
             counts[src].update({_line_key(ln) for ln in lines if _boilerplate_candidate(ln, code)})
-        if docs and all(n >= BOILERPLATE_SAMPLE_DOCS for n in docs.values()):
+        if docs and all(n >= c.boilerplate_sample_docs for n in docs.values()):
             break
     out = {}
     for src, ctr in counts.items():
-        need = max(BOILERPLATE_MIN_DOCS, math.ceil(BOILERPLATE_MIN_FRACTION * docs[src]))
+        need = max(c.boilerplate_min_docs, math.ceil(c.boilerplate_min_fraction * docs[src]))
         out[src] = frozenset(k for k, n in ctr.items() if n >= need)
         if out[src]:
             log.info("clean: %s source %r: %d boilerplate line(s) over %d docs", path.name, src, len(out[src]), docs[src])
@@ -397,20 +427,76 @@ def _clean_batch(job: tuple) -> list[tuple[str, dict[str, int], tuple[str, str] 
     return out
 
 
+INDEX = "index.parquet"
+# validation verdicts are recomputed every run (cheap); only the rest is remembered in the index
+VALIDATION_REASONS = frozenset({"missing_doc_id", "unknown_category", "category_mismatch", "empty", "duplicate_doc_id"})
+
+
+def _stage_config(cfg: PipelineConfig) -> dict[str, Any]:
+    rules = {"version": RULES_VERSION, "boilerplate_min_line_chars": BOILERPLATE_MIN_LINE_CHARS}
+    # workers and incremental change how the output is made, not what it is
+    section = {k: v for k, v in cfg.section("clean").items() if k not in ("workers", "incremental")}
+    return {"clean": section, "seed": cfg.seed, "rules": rules}
+
+
 def stage_for(cfg: PipelineConfig) -> Stage:
     extracted = require_manifest(cfg.root / "extracted", "extract")
-    rules = {"version": RULES_VERSION, "boilerplate": [BOILERPLATE_MIN_FRACTION, BOILERPLATE_MIN_DOCS,
-             BOILERPLATE_SAMPLE_DOCS, BOILERPLATE_MIN_LINE_CHARS]}
-    return Stage("clean", cfg.root / "clean", {"clean": cfg.section("clean"), "seed": cfg.seed, "rules": rules},
-                 {"extracted": extracted["fingerprint"]})
+    return Stage("clean", cfg.root / "clean", _stage_config(cfg), {"extracted": extracted["fingerprint"]})
 
 
-def run_clean(cfg: PipelineConfig, workers: int = 1) -> dict[str, Any]:
+def _index_key(cfg: PipelineConfig) -> str:
+    """What the stored verdicts depend on besides the documents: config, seed, rules, code."""
+    return fingerprint({"config": _stage_config(cfg), "code": code_fingerprint("clean")})
+
+
+def input_key(text: str, boilerplate: frozenset[bytes]) -> bytes:
+    """A document's cleaned text depends on its raw text and on its source's boilerplate lines."""
+    h = hashlib.blake2b(text.encode("utf-8", "surrogatepass"), digest_size=16)
+    for k in sorted(boilerplate):
+        h.update(k)
+    return h.digest()
+
+
+@dataclass
+class PriorIndex:
+    """The previous run's verdicts, by doc_id: (input key, category, status, dup_of, exact key, signature, seq)."""
+
+    rows: dict[str, tuple] = field(default_factory=dict)
+
+    @classmethod
+    def load(cls, clean_dir: Path, key: str) -> PriorIndex:
+        m = read_manifest(clean_dir)
+        path = clean_dir / INDEX
+        if not m or m.get("index_key") != key or not path.is_file():
+            if m:
+                log.info("clean: no usable index in %s (config, rules or code changed): full re-clean", clean_dir)
+            return cls()
+        t = pq.read_table(path)
+        cols = [t.column(c).to_pylist() for c in ("doc_id", "input_key", "category", "status", "dup_of", "exact_key", "sig", "seq")]
+        return cls({r[0]: r[1:] for r in zip(*cols)})
+
+
+INDEX_SCHEMA = pa.schema([("doc_id", pa.string()), ("input_key", pa.binary(16)), ("category", pa.string()),
+                          ("status", pa.string()), ("dup_of", pa.string()), ("exact_key", pa.binary(16)),
+                          ("sig", pa.binary()), ("seq", pa.int64())])
+
+
+def _reusable(prior: PriorIndex, current: dict[str, tuple[bytes, str]]) -> set[str]:
+    """Doc ids whose stored verdict still holds: same input key and category, and, for a duplicate,
+    a kept twin that is itself reused (else the duplicate must be decided again)."""
+    same = {d for d, (k, cat) in current.items() if (r := prior.rows.get(d)) is not None and r[0] == k and r[1] == cat}
+    kept = {d for d in same if prior.rows[d][2] == "kept"}
+    return {d for d in same if prior.rows[d][2] == "kept" or prior.rows[d][3] is None or prior.rows[d][3] in kept}
+
+
+def run_clean(cfg: PipelineConfig, workers: int | None = None, executor=None) -> dict[str, Any]:
     """Clean + dedup ``<root>/extracted`` into ``<root>/clean``; returns the manifest.
 
-    ``workers`` > 1 cleans and signs batches in that many processes; the output is identical.
+    ``workers`` (default ``clean.workers``) > 1 cleans and signs batches in that many processes,
+    ``executor`` (a Dask client) on a cluster; the output is identical either way.
     """
     c = cfg.clean
+    workers = c.workers if workers is None else workers
     stage = stage_for(cfg)
     if (m := stage.up_to_date()) is not None:
         log.info("clean: up to date (%s)", stage.out_dir)
@@ -420,14 +506,40 @@ def run_clean(cfg: PipelineConfig, workers: int = 1) -> dict[str, Any]:
     if not files:
         log.warning("clean: no category files in %s", in_dir)
     scheme = Signer(c.num_perm, c.shingle_words, cfg.seed).template.scheme
+    index_key = _index_key(cfg)
+    prior = PriorIndex.load(stage.out_dir, index_key) if c.incremental else PriorIndex()
+    for path in files.values():  # fail early, naming the file
+        missing = [x for x in REQUIRED if x not in _schema_names(path)]
+        if missing:
+            raise ValueError(f"{path}: missing required column(s) {missing}; cannot clean this file")
+    boilers = {cat: _sample_boilerplate(path, c, cat in CODE) if cat in CATEGORIES else {} for cat, path in files.items()}
+
+    # ---- pass 0 (only with an index): which documents can keep their stored verdict
+    reuse: set[str] = set()
+    if prior.rows:
+        current: dict[str, tuple[bytes, str]] = {}
+        for cat, path in files.items():
+            for batch in iter_batches(path, [x for x in ("doc_id", "text", "source_id") if x in _schema_names(path)]):
+                d = batch.to_pydict()
+                for i, (doc_id, text) in enumerate(zip(d["doc_id"], d["text"])):
+                    if isinstance(doc_id, str) and isinstance(text, str) and doc_id not in current:
+                        src = (d.get("source_id") or [None] * batch.num_rows)[i] or ""
+                        current[doc_id] = (input_key(text, boilers[cat].get(src, frozenset())), cat)
+        reuse = _reusable(prior, current)
+        del current
+        log.info("clean: incremental: %d of %d indexed documents unchanged; cleaning the rest", len(reuse), len(prior.rows))
 
     per_cat: dict[str, Counter[str]] = defaultdict(Counter)
     totals: Counter[str] = Counter()
-    # survivors of pass 1, in staging order: what dedup needs and nothing more
-    ids: list[str] = []
-    keys: list[bytes] = []
-    sigs: list[np.ndarray] = []
-    cats: list[str] = []
+    # dedup inputs: earlier runs' kept documents first (in the order they were kept), then this run's survivors
+    prior_kept = sorted((d for d in reuse if prior.rows[d][2] == "kept"), key=lambda d: prior.rows[d][6])
+    ids: list[str] = list(prior_kept)
+    keys: list[bytes] = [prior.rows[d][4] for d in prior_kept]
+    sigs: list[np.ndarray] = [np.frombuffer(prior.rows[d][5], dtype=np.uint64) for d in prior_kept]
+    cats: list[str] = [prior.rows[d][1] for d in prior_kept]
+    n_prior = len(ids)
+    new_keys: dict[str, bytes] = {}  # input key of every document cleaned this run
+    new_status: dict[str, tuple[str, str]] = {}  # quality rejects of this run: (reason, category)
     seen_ids: set[str] = set()
     warned: set[str] = set()
 
@@ -435,21 +547,20 @@ def run_clean(cfg: PipelineConfig, workers: int = 1) -> dict[str, Any]:
         rejects = _Rejects(work / "rejects.parquet")
         staging = work / STAGING
         # ---- pass 1: validate (here: needs the global doc_id set), then clean, score and sign each
-        # batch (in worker processes when workers > 1; results come back in order), stage survivors
+        # batch of new or changed documents (in worker processes or on Dask workers; results come
+        # back in order), stage survivors
         def prepared():
             for file_cat, path in files.items():
-                missing = [x for x in REQUIRED if x not in _schema_names(path)]
-                if missing:
-                    raise ValueError(f"{path}: missing required column(s) {missing}; cannot clean this file")
-                boiler = _sample_boilerplate(path, c, file_cat in CODE) if file_cat in CATEGORIES else {}
+                boiler = boilers[file_cat]
                 prog = Progress(log, f"clean {file_cat}", num_rows(path))
+                rel = _relative(path, cfg.root)  # the data root's own path would make outputs depend on where it lives
                 row0 = 0
                 for batch in iter_batches(path):
                     t = _conform(batch, path, warned)
                     d = t.to_pydict()
                     cand: list[int] = []
                     for i in range(t.num_rows):
-                        where = f"{path} row {row0 + i}"
+                        where = f"{rel} row {row0 + i}"
                         doc_id, text = d["doc_id"][i], d["text"][i]
                         cat = d["category"][i] or file_cat  # a null category means "the file's"
                         per_cat[file_cat]["documents_in"] += 1
@@ -471,7 +582,11 @@ def run_clean(cfg: PipelineConfig, workers: int = 1) -> dict[str, Any]:
                             per_cat[file_cat]["rejected"] += 1
                         else:
                             seen_ids.add(doc_id)
-                            cand.append(i)
+                            if doc_id in reuse:
+                                per_cat[file_cat]["reused"] += 1
+                            else:
+                                cand.append(i)
+                                new_keys[doc_id] = input_key(text, boiler.get(d["source_id"][i] or "", frozenset()))
                     srcs = [d["source_id"][i] or "" for i in cand]
                     job = ([d["text"][i] for i in cand], file_cat, srcs,
                            {s_: boiler[s_] for s_ in set(srcs) if s_ in boiler}, c.model_dump(), cfg.seed)
@@ -480,14 +595,16 @@ def run_clean(cfg: PipelineConfig, workers: int = 1) -> dict[str, Any]:
                     prog.update(t.num_rows)
 
         with CategoryWriters(staging) as stage_out:
-            for (file_cat, t, d, cand), results in ordered_map(_clean_batch, prepared(), workers):
+            for (file_cat, t, d, cand), results in ordered_map(_clean_batch, prepared(), workers, executor=executor):
                 keep_idx: list[int] = []
                 texts: list[str] = []
                 for i, (cleaned, stats, q, key, sig) in zip(cand, results):
                     totals.update(stats)
+                    per_cat[file_cat]["cleaned"] += 1
                     if q is not None:
                         rejects.add(d["doc_id"][i], d["url"][i], file_cat, *q, cleaned)
                         per_cat[file_cat]["rejected"] += 1
+                        new_status[d["doc_id"][i]] = (q[0], file_cat)
                         continue
                     keep_idx.append(i)
                     texts.append(cleaned)
@@ -502,19 +619,57 @@ def run_clean(cfg: PipelineConfig, workers: int = 1) -> dict[str, Any]:
                     stage_out.write(file_cat, out)
 
         # ---- dedup over the whole corpus, in memory on hashes and signatures
-        sig_arr = np.stack(sigs) if sigs else np.zeros((0, c.num_perm), np.uint32)
-        res = dedup(ids, keys, sig_arr, c.near_dup_threshold, cfg.seed, scheme)
-        del sigs, keys
-        clusters: dict[str, set[int]] = defaultdict(set)
+        sig_arr = np.stack(sigs) if sigs else np.zeros((0, c.num_perm), np.uint64)
+        res = dedup(ids, keys, sig_arr, c.near_dup_threshold, cfg.seed, scheme, n_prior=n_prior)
+        clusters: dict[str, set[str]] = defaultdict(set)  # category -> kept doc_ids that absorbed near-dups
         for i, rep in res.representative.items():
-            clusters[cats[i]].add(rep)
-        for cat, reps in clusters.items():
-            per_cat[cat]["near_dup_clusters"] = len(reps)
+            clusters[cats[i]].add(ids[rep])
 
-        # ---- pass 2: apply verdicts, split long documents, write the output
-        idx = 0
+        # ---- the index for the next run: reused entries as they were, this run's documents as decided now
+        index_rows: list[dict[str, Any]] = []
+        seq = 1 + max((prior.rows[d][6] for d in prior_kept), default=-1)
+        for d in sorted(reuse):
+            r = prior.rows[d]
+            index_rows.append(dict(zip(INDEX_SCHEMA.names, (d, *r))))
+            if r[2] != "kept":
+                per_cat[r[1]]["rejected"] += 1
+        for i in range(n_prior, len(ids)):
+            v = res.removed.get(i)
+            status, dup_of = ("kept", None) if v is None else (v[0], v[1].split(" ")[0])
+            index_rows.append({"doc_id": ids[i], "input_key": new_keys[ids[i]], "category": cats[i], "status": status,
+                               "dup_of": dup_of, "exact_key": keys[i] if v is None else None,
+                               "sig": sigs[i].astype(np.uint64).tobytes() if v is None else None,
+                               "seq": seq if v is None else None})
+            seq += v is None
+        for d, (reason, cat) in new_status.items():
+            index_rows.append({"doc_id": d, "input_key": new_keys[d], "category": cat, "status": reason,
+                               "dup_of": None, "exact_key": None, "sig": None, "seq": None})
+        del sigs, keys
+
+        # ---- pass 2: reused output copied from the previous run, then this run's verdicts applied,
+        # long documents split, output written
+        reused_kept = {d for d in reuse if prior.rows[d][2] == "kept"}
+        reused_rejected = {(d, prior.rows[d][2]) for d in reuse if prior.rows[d][2] != "kept"}
+        idx = n_prior
         with CategoryWriters(work) as final:
             for cat in CATEGORIES:
+                old = stage.out_dir / f"{cat}.parquet"
+                if reused_kept and old.is_file():
+                    last = None
+                    for batch in iter_batches(old):
+                        t = pa.Table.from_batches([batch])
+                        mask = pa.array([x in reused_kept for x in t.column("dup_cluster").to_pylist()], pa.bool_())
+                        t = t.filter(mask)
+                        if t.num_rows:
+                            final.write(cat, t)
+                            per_cat[cat]["rows_out"] += t.num_rows
+                            per_cat[cat]["chars_out"] += int(pc.sum(t.column("n_chars")).as_py() or 0)
+                            for doc_id, cl in zip(t.column("doc_id").to_pylist(), t.column("dup_cluster").to_pylist()):
+                                if cl != last:
+                                    per_cat[cat]["kept"] += 1
+                                    last = cl
+                                if doc_id == f"{cl}-p0":
+                                    per_cat[cat]["split_documents"] += 1
                 sp = staging / f"{cat}.parquet"
                 if not sp.is_file():
                     continue
@@ -535,9 +690,9 @@ def run_clean(cfg: PipelineConfig, workers: int = 1) -> dict[str, Any]:
                             per_cat[cat]["kept"] += 1
                             if len(parts) > 1:
                                 per_cat[cat]["split_documents"] += 1
-                            for p, part in enumerate(parts):
+                            for p_, part in enumerate(parts):
                                 take.append(i)
-                                out_ids.append(doc_id if len(parts) == 1 else f"{doc_id}-p{p}")
+                                out_ids.append(doc_id if len(parts) == 1 else f"{doc_id}-p{p_}")
                                 out_texts.append(part)
                                 clusters_col.append(doc_id)
                         idx += 1
@@ -551,12 +706,27 @@ def run_clean(cfg: PipelineConfig, workers: int = 1) -> dict[str, Any]:
                         per_cat[cat]["rows_out"] += len(take)
                         per_cat[cat]["chars_out"] += sum(len(x) for x in out_texts)
             written = final.keys
-        assert idx == len(ids), f"clean: staging has {idx} rows, pass 1 kept {len(ids)}"
+        assert idx == len(ids), f"clean: staging has {idx - n_prior} rows, pass 1 kept {len(ids) - n_prior}"
+        # reused rejects: copied from the previous rejects file (validation rejects were recomputed above)
+        old_rej = stage.out_dir / "rejects.parquet"
+        if reused_rejected and old_rej.is_file():
+            for batch in iter_batches(old_rej):
+                for r in batch.to_pylist():
+                    if (r["doc_id"], r["reason"]) in reused_rejected:
+                        rejects.add(r["doc_id"], r["url"], r["category"], r["reason"], r["detail"], r["text"])
+                        if r["reason"] == "exact_duplicate":
+                            per_cat[r["category"]]["exact_dup_removed"] += 1
+                        elif r["reason"] == "near_duplicate":
+                            per_cat[r["category"]]["near_dup_removed"] += 1
+                            clusters[r["category"]].add(prior.rows[r["doc_id"]][3])
+        for cat, reps in clusters.items():
+            per_cat[cat]["near_dup_clusters"] = len(reps)
         rejects.close()
         _remove_tree(staging)
+        pq.write_table(pa.Table.from_pylist(index_rows, schema=INDEX_SCHEMA), work / INDEX)
 
         # ---- counts: every input row is kept or rejected
-        fields = ("documents_in", "kept", "rejected", "rows_out", "chars_out", "split_documents",
+        fields = ("documents_in", "kept", "rejected", "reused", "cleaned", "rows_out", "chars_out", "split_documents",
                   "exact_dup_removed", "near_dup_removed", "near_dup_clusters")
         by_cat = {k: {f: v.get(f, 0) for f in fields} for k, v in per_cat.items()}
         n_in = sum(v["documents_in"] for v in per_cat.values())
@@ -567,6 +737,8 @@ def run_clean(cfg: PipelineConfig, workers: int = 1) -> dict[str, Any]:
             assert v.get("documents_in", 0) == v.get("kept", 0) + v.get("rejected", 0), f"clean: counts do not add up for {k}: {v}"
         counts = {
             "documents_in": n_in, "kept": n_kept, "rejected": n_rej,
+            "reused": sum(v["reused"] for v in per_cat.values()),
+            "cleaned": sum(v["cleaned"] for v in per_cat.values()),
             "rows_out": sum(v["rows_out"] for v in per_cat.values()),
             "split_documents": sum(v["split_documents"] for v in per_cat.values()),
             "rejects_by_reason": dict(sorted(rejects.by_reason.items())),
@@ -574,9 +746,17 @@ def run_clean(cfg: PipelineConfig, workers: int = 1) -> dict[str, Any]:
             "by_category": by_cat, **dict(totals),
         }
         dump_resolved(cfg, work / "config.yaml")
-        m = stage.manifest(work, counts, categories=written)
-    log.info("clean: %d in, %d kept (%d rows), %d rejected %s", n_in, n_kept, counts["rows_out"], n_rej, counts["rejects_by_reason"])
+        m = stage.manifest(work, counts, categories=written, index_key=index_key)
+    log.info("clean: %d in, %d kept (%d rows), %d rejected %s; %d cleaned, %d reused from the index",
+             n_in, n_kept, counts["rows_out"], n_rej, counts["rejects_by_reason"], counts["cleaned"], counts["reused"])
     return m
+
+
+def _relative(path: Path, root: Path) -> str:
+    try:
+        return str(Path(path).relative_to(root))
+    except ValueError:
+        return str(path)
 
 
 def _schema_names(path: Path) -> list[str]:
@@ -594,14 +774,15 @@ def _remove_tree(p: Path) -> None:
 
 # ------------------------------------------------------------------------------- entry points
 @task(name="clean")
-def clean(cfg_dict: dict, workers: int = 1) -> dict:
-    return run_clean(config_from_dict(cfg_dict), workers=workers)
+def clean(cfg_dict: dict, workers: int | None = None) -> dict:
+    with dask_executor() as ex:  # on a Dask worker (DaskTaskRunner): clean batches across the cluster
+        return run_clean(config_from_dict(cfg_dict), workers=workers, executor=ex)
 
 
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description="Clean and deduplicate the extracted corpus.")
     ap.add_argument("--config", required=True)
-    ap.add_argument("--workers", type=int, default=1, help="processes for cleaning and MinHash (default 1)")
+    ap.add_argument("--workers", type=int, default=None, help="processes for cleaning and MinHash (default clean.workers)")
     ap.add_argument("overrides", nargs="*", help="section.key=value")
     a = ap.parse_args(argv)
     # force: importing prefect already configured the root logger at WARNING, which would hide progress

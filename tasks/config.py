@@ -46,13 +46,41 @@ class Permission(Section):
 class SourceConfig(Section):
     id: str = Field(description="Stable source id, recorded on every document.")
     category: str = Field(description="One of the six categories.")
+    kind: Literal["web", "dataset"] = Field(
+        default="web", description="web = crawl start_urls/sitemaps; dataset = import a local file or saved dataset."
+    )
     start_urls: list[str] = Field(default_factory=list)
     sitemaps: list[str] = Field(default_factory=list)
     include: list[str] = Field(
         default_factory=list,
         description="URL path prefixes this source may follow; empty = the start URLs' directories.",
     )
-    max_pages: int = Field(default=10_000, ge=1)
+    max_pages: int = Field(default=10_000, ge=1, description="Pages (web) or rows (dataset) taken at most.")
+    # -- kind: dataset ---------------------------------------------------------------------
+    path: str | None = Field(
+        default=None,
+        description="dataset: a file (.jsonl/.json/.csv/.tsv/.parquet, .gz allowed for text formats), a folder of "
+        "such files, or a `datasets` dataset saved with save_to_disk. Relative paths are from the repo.",
+    )
+    format: Literal["auto", "jsonl", "csv", "tsv", "parquet", "hf_disk"] = Field(
+        default="auto", description="dataset: file format; auto = from the suffix (a folder with "
+        "dataset_info.json or dataset_dict.json is hf_disk)."
+    )
+    split: str | None = Field(default=None, description="dataset: split of a saved DatasetDict (e.g. train).")
+    text_field: str = Field(default="text", description="dataset: column holding the document text.")
+    text_format: Literal["text", "html"] = Field(
+        default="text", description="dataset: html = the text column is HTML, parsed by the category parser."
+    )
+    title_field: str | None = Field(default=None, description="dataset: column holding the title.")
+    id_field: str | None = Field(
+        default=None, description="dataset: column with a stable record id (default: the row number)."
+    )
+    url_field: str | None = Field(default=None, description="dataset: column with the record's original URL.")
+    field_map: dict[str, str] = Field(
+        default_factory=dict,
+        description="dataset: structured fields to keep, {field name in extracted/: column in the dataset}.",
+    )
+    encoding: str = Field(default="utf-8", description="dataset: text encoding of JSONL/CSV files.")
     permission: Permission | None = Field(
         default=None, description="Evidence of permission; a source without it is refused."
     )
@@ -89,10 +117,31 @@ class ScrapeConfig(Section):
         description="Addresses that may be contacted although private/loopback (demo and tests only).",
     )
     respect_noindex: bool = True
+    max_parallel_hosts: int = Field(default=16, ge=1, description="Hosts crawled at once (each one at a time).")
+    max_crawl_delay_s: float = Field(
+        default=300.0, gt=0,
+        description="A host whose robots.txt Crawl-delay/Request-rate asks for a longer pause is skipped "
+        "(refused_robots), never crawled faster than it asked.",
+    )
+    robots_ttl_s: float = Field(default=86_400.0, gt=0, description="robots.txt is re-fetched after this long.")
+    follow_robots_sitemaps: bool = Field(default=True, description="Also read the sitemaps robots.txt lists.")
+
+    @field_validator("user_agent")
+    @classmethod
+    def _contact(cls, v: str) -> str:
+        if not re.search(r"(https?://\S+|mailto:\S+|[\w.+-]+@[\w-]+\.[\w.-]+)", v):
+            raise ValueError("user_agent must identify the crawler and give a contact (an http(s) URL or e-mail), "
+                             "e.g. 'mybot/1.0 (+mailto:data@example.org)'")
+        return v
 
 
 class ExtractConfig(Section):
     min_text_chars: int = Field(default=1, ge=0, description="Pages with less extracted text are rejected.")
+    workers: int | None = Field(
+        default=None, ge=1,
+        description="Extraction processes; None = all cores (at most 8) for 2000+ pages per category, else 1. "
+        "Not part of the stage fingerprint: the output does not depend on it.",
+    )
 
 
 class CleanConfig(Section):
@@ -105,6 +154,17 @@ class CleanConfig(Section):
     near_dup_threshold: float = Field(default=0.8, gt=0, le=1, description="MinHash Jaccard estimate.")
     num_perm: int = Field(default=128, ge=16)
     shingle_words: int = Field(default=5, ge=1)
+    boilerplate_min_fraction: float = Field(
+        default=0.30, gt=0, le=1, description="A line in at least this share of a source's documents is boilerplate."
+    )
+    boilerplate_min_docs: int = Field(default=3, ge=2, description="... and in at least this many of them.")
+    boilerplate_sample_docs: int = Field(default=5000, ge=1, description="Documents per source sampled for that count.")
+    workers: int = Field(default=1, ge=1, description="Local worker processes for cleaning and MinHash.")
+    incremental: bool = Field(
+        default=True,
+        description="Keep a document index under <data_root>/clean_index and only clean documents that are new "
+        "or changed since the last run; earlier documents' signatures are the dedup reference.",
+    )
 
 
 class SplitConfig(Section):
@@ -146,6 +206,21 @@ class TokenizeConfig(Section):
     seq_len: int = Field(default=2048, ge=8)
     rows_per_shard: int = Field(default=4096, ge=1, description="Packed rows per Arrow shard.")
     batch_docs: int = Field(default=512, ge=1, description="Documents tokenized per batch.")
+    workers: int = Field(default=1, ge=1, description="Local worker processes for tokenization.")
+    shuffle: bool = Field(default=True, description="Seeded global shuffle of the packed training rows.")
+    shuffle_bucket_rows: int = Field(
+        default=32768, ge=1, description="Rows held in memory at once by the two-pass shuffle (bounds its memory)."
+    )
+
+
+class DaskConfig(Section):
+    address: str | None = Field(
+        default=None,
+        description='None = local worker processes; "local" = a distributed LocalCluster; "tcp://host:8786" = a cluster.',
+    )
+    n_workers: int = Field(default=2, ge=1, description="LocalCluster workers (address: local).")
+    threads_per_worker: int = Field(default=1, ge=1, description="LocalCluster threads per worker.")
+    processes: bool = Field(default=True, description="LocalCluster workers as processes (False: threads, for tests).")
 
 
 class QuantizationConfig(Section):
@@ -166,6 +241,11 @@ class ModelConfig(Section):
     gguf_file: str | None = None
     revision: str | None = None
     trust_remote_code: bool = False
+    tokenizer: str | None = Field(
+        default=None,
+        description="None = the model's own (AutoTokenizer); 'mistral-common:tekken_240911.json' = a tokenizer file "
+        "shipped in mistral-common, or a path to a tekken.json, loaded with MistralCommonBackend.",
+    )
     quantization: QuantizationConfig = Field(default_factory=QuantizationConfig)
 
 
@@ -178,25 +258,77 @@ class LoraConfig(Section):
 
 
 class TrainConfig(Section):
+    """Training. The clock of the schedule is the optimizer step; token-valued fields
+    (``max_tokens``, ``warmup_tokens``, ``eval_every_tokens``, ``save_every_tokens``) are converted
+    to steps once, at launch, as ceil(tokens / tokens_per_step) with tokens_per_step =
+    micro_batch_size x grad_accum x world size x seq_len. That is exact because every step consumes
+    the same number of packed rows, and it keeps one schedule for the whole run (a resumed run must
+    keep the world size; the checkpoint records it and a different one is refused)."""
+
     micro_batch_size: int = Field(default=8, ge=1, description="Sequences per GPU per forward pass.")
     grad_accum: int = Field(default=4, ge=1)
-    epochs: float = Field(default=2, gt=0)
-    max_steps: int | None = Field(default=None, ge=1, description="Optimizer steps; overrides epochs.")
+    epochs: float = Field(default=2, gt=0, description="Passes over the packed training rows (unless max_tokens/max_steps).")
+    max_tokens: int | None = Field(
+        default=None, ge=1,
+        description="Training-token budget ('N tokens'); overrides epochs. Converted to steps once (see the class doc).",
+    )
+    max_steps: int | None = Field(default=None, ge=1, description="Optimizer steps; overrides epochs and max_tokens.")
     lr: float = Field(default=2e-4, gt=0)
     optimizer: Literal["paged_adamw_8bit", "adamw_torch"] = "paged_adamw_8bit"
     weight_decay: float = Field(default=0.0, ge=0)
     max_grad_norm: float = Field(default=1.0, gt=0)
     warmup_steps: int = Field(default=200, ge=0)
+    warmup_tokens: int | None = Field(default=None, ge=0, description="Warmup in tokens; overrides warmup_steps.")
     scheduler: Literal["cosine", "linear", "constant"] = "cosine"
     eval_every: int = Field(default=400, ge=1)
+    eval_every_tokens: int | None = Field(default=None, ge=1, description="Eval cadence in tokens; overrides eval_every.")
     save_every: int = Field(default=400, ge=1)
-    keep_checkpoints: int = Field(default=3, ge=1, description="Newest checkpoints kept on disk.")
+    save_every_tokens: int | None = Field(default=None, ge=1, description="Checkpoint cadence in tokens; overrides save_every.")
+    keep_checkpoints: int = Field(
+        default=3, ge=1,
+        description="Newest checkpoints kept on disk; the best by eval loss is kept as well (keep_best).",
+    )
+    keep_best: bool = Field(default=True, description="Never delete the checkpoint with the lowest eval loss.")
     eval_batches: int = Field(default=8, ge=1, description="Micro-batches per category for periodic eval.")
     gradient_checkpointing: bool = True
     log_every: int = Field(default=1, ge=1)
-    num_processes: int = Field(default=1, ge=1, description="accelerate launch --num_processes.")
+    # -- divergence guard: a non-finite loss/gradient (or a loss spike) skips the step on all ranks
+    max_bad_steps: int = Field(
+        default=3, ge=1, description="Skipped (non-finite or spiking) steps in a row that count as divergence."
+    )
+    spike_factor: float | None = Field(
+        default=None, gt=1,
+        description="A step whose loss exceeds this factor x the running mean of the last spike_window "
+                    "good losses is a spike: it is skipped and counts as divergence at once. None = off.",
+    )
+    spike_window: int = Field(default=20, ge=2, description="Good steps in the running mean (needs this many first).")
+    on_divergence: Literal["rollback", "stop"] = Field(
+        default="rollback",
+        description="rollback: reload weights, optimizer and schedule from the newest good checkpoint and go on "
+                    "with the next batches (the ones that diverged are not replayed); stop: exit with a message.",
+    )
+    rollback_lr_factor: float = Field(default=1.0, gt=0, le=1, description="LR multiplier applied at each rollback.")
+    max_rollbacks: int = Field(default=3, ge=0, description="Rollbacks per run (counted in checkpoints) before training stops.")
+    # -- launch layout
+    num_processes: int = Field(default=1, ge=1, description="Processes (GPUs) per node.")
+    nnodes: int = Field(default=1, ge=1, description="Nodes; >1 needs rdzv_endpoint and a run directory on shared storage.")
+    node_rank: int = Field(default=0, ge=0, description="This node's rank (0..nnodes-1); not part of the run's identity.")
+    rdzv_endpoint: str | None = Field(
+        default=None, description="host:port of node 0 for the c10d rendezvous (multi-node); not part of the run's identity."
+    )
+    launcher: Literal["auto", "accelerate", "torchrun"] = Field(
+        default="auto",
+        description="auto: plain python for one process, else accelerate launch (needed for FSDP configs); "
+                    "torchrun: torch.distributed.run (DDP; also CPU/gloo).",
+    )
     accelerate_config: str | None = Field(default=None, description="configs/accelerate/*.yaml")
     num_threads: int | None = Field(default=None, ge=1, description="torch CPU threads (None = torch default).")
+    liger_kernel: bool = Field(
+        default=False, description="Fused RoPE/RMSNorm/SwiGLU/linear-cross-entropy kernels (liger-kernel, CUDA only): "
+        "+13 % tokens/s and -18 GiB on Mistral-Small-24B (tasks/BENCH_NOTES.md).")
+    deterministic: bool = Field(
+        default=False, description="torch.use_deterministic_algorithms: bitwise-reproducible resume (slower on GPU)."
+    )
 
 
 class EvaluateConfig(Section):
@@ -221,6 +353,22 @@ class TrackingConfig(Section):
     wandb_project: str = "data-to-adapter"
 
 
+class ScheduleConfig(Section):
+    """Scheduled re-scrape-and-retrain (flows/rescrape.py) and the promotion gate (tasks/promote.py)."""
+
+    cron: str | None = Field(default="0 3 * * 1", description="Cron of rescrape-and-retrain, read in `timezone`; "
+                             "None registers the deployment without a schedule.")
+    timezone: str = Field(default="UTC", description="Time zone the cron is read in.")
+    active: bool = Field(default=True, description="Register the schedule active (False: paused).")
+    change_threshold: float = Field(default=0.05, ge=0, le=1, description="Retrain only when more than this "
+                                    "fraction of pages is new, changed or gone since the current adapter's corpus.")
+    promote_tolerance: float = Field(default=0.01, description="A new adapter is promoted only if its held-out "
+                                     "loss is at most this much (nats/token) above the current adapter's in every "
+                                     "category, both measured on the same rows; negative = must improve by that much.")
+    continue_from_previous: bool = Field(default=False, description="Start LoRA from the current adapter's weights "
+                                         "(needs train.init_adapter) instead of from scratch.")
+
+
 class PipelineConfig(Section):
     run_name: str = Field(default="run", pattern=r"^[A-Za-z0-9_.-]+$")
     data_root: str = Field(default="data/run", description="Artifact root; relative paths are from the repo.")
@@ -232,12 +380,14 @@ class PipelineConfig(Section):
     split: SplitConfig = Field(default_factory=SplitConfig)
     mix: MixConfig = Field(default_factory=MixConfig)
     tokenize: TokenizeConfig = Field(default_factory=TokenizeConfig)
+    dask: DaskConfig = Field(default_factory=DaskConfig)
     model: ModelConfig
     lora: LoraConfig = Field(default_factory=LoraConfig)
     train: TrainConfig = Field(default_factory=TrainConfig)
     evaluate: EvaluateConfig = Field(default_factory=EvaluateConfig)
     generate: GenerateConfig = Field(default_factory=GenerateConfig)
     tracking: TrackingConfig = Field(default_factory=TrackingConfig)
+    schedule: ScheduleConfig = Field(default_factory=ScheduleConfig)
 
     # -- paths ---------------------------------------------------------------------------
     @property

@@ -16,7 +16,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from prefect import task
+from tasks._prefect import task
 
 from tasks.config import CATEGORIES, PipelineConfig, config_from_dict, load_config
 from tasks.manifest import fingerprint, library_versions, require_manifest, write_json_atomic

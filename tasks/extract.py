@@ -1,6 +1,8 @@
 """Stage 2, extract: raw pages -> readable training text plus structured fields, per category.
 
-Reads ``raw/<category>/pages.parquet`` in batches and writes:
+Reads ``raw/<category>/pages.parquet`` in batches (scraped pages are parsed per category; imported
+dataset records, content type ``application/x-d2a-record+json``, keep their text and mapped fields as
+they are) and writes:
   extracted/<category>.parquet   doc_id, url, final_url, fetched_at, sha256, source_id, category, license,
                                  title, text, fields (JSON string)
   extracted/rejects.parquet      url, category, reason, detail (nothing is dropped silently)
@@ -13,12 +15,13 @@ CLI:  python -m tasks.extract --config configs/demo.yaml [section.key=value ...]
 from __future__ import annotations
 
 import argparse
+import contextlib
 import logging
 import multiprocessing as mp
 import os
 import time
 from collections import Counter, deque
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from concurrent.futures import ProcessPoolExecutor
 from typing import Any
 
@@ -26,21 +29,12 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 from prefect import task
 
-from scrapers import additives, articles, code, products, recipes
-from scrapers.common import ParseReject, Page, Parsed, decode_body, doc_id, looks_binary, make_page, to_json
+from scrapers.extract_page import PARSERS, TEXT_TYPES, extract_batch, extract_page  # noqa: F401 - re-exported
 from tasks.config import CATEGORIES, PipelineConfig, config_from_dict, dump_resolved, load_config
 from tasks.manifest import Stage, require_manifest
 
 log = logging.getLogger("tasks.extract")
 
-PARSERS: dict[str, Callable[[Page], Parsed]] = {
-    "recipes": recipes.parse,
-    "product_compositions": products.parse_composition,
-    "articles": articles.parse,
-    "code": code.parse,
-    "product_descriptions": products.parse_description,
-    "chemical_additives": additives.parse,
-}
 DOC_SCHEMA = pa.schema([(n, pa.string()) for n in (
     "doc_id", "url", "final_url", "fetched_at", "sha256", "source_id", "category", "license", "title", "text",
     "fields")])
@@ -48,54 +42,6 @@ REJECT_SCHEMA = pa.schema([(n, pa.string()) for n in ("url", "category", "reason
 READ_BATCH = 64
 PARALLEL_MIN_ROWS = 2000
 PROGRESS_EVERY_S = 10.0
-TEXT_TYPES = ("text/html", "application/xhtml+xml", "text/plain")
-
-
-def extract_page(row: dict[str, Any], min_text_chars: int) -> tuple[dict[str, Any] | None, dict[str, Any] | None]:
-    """One raw row -> (document, None) or (None, reject). Never raises for bad input."""
-    url, category = row["url"], row["category"]
-    body: bytes = row["body"] or b""
-
-    def reject(reason: str, detail: str) -> tuple[None, dict[str, Any]]:
-        return None, {"url": url, "category": category, "reason": reason, "detail": detail,
-                      "source_id": row.get("source_id"), "sha256": row.get("sha256")}
-
-    ctype = (row.get("content_type") or "").split(";")[0].strip().lower()
-    if not body.strip():
-        return reject("empty", "empty body")
-    if ctype and ctype not in TEXT_TYPES:
-        return reject("binary", f"content type {ctype}")
-    if looks_binary(body):
-        return reject("binary", "body has NUL/control bytes")
-    try:
-        html, encoding = decode_body(body, row.get("content_type"))
-    except (LookupError, UnicodeError) as e:
-        return reject("decode_error", str(e))
-    parser = PARSERS.get(category)
-    if parser is None:
-        return reject("unknown_category", category)
-    try:
-        if ctype == "text/plain":
-            parsed = articles.parse_plain(url, html)
-        else:
-            parsed = parser(make_page(row.get("final_url") or url, html, row.get("license")))
-    except ParseReject as e:
-        return reject(e.reason, e.detail)
-    except Exception as e:  # noqa: BLE001 - a parser bug on one page is a counted reject, not a crash
-        log.warning("%s: unparseable (%s: %s)", url, type(e).__name__, e)
-        return reject("unparseable", f"{type(e).__name__}: {e}")
-    text = parsed.text.strip()
-    if not text:
-        return reject("empty", "no text extracted")
-    if len(text) < min_text_chars:
-        return reject("too_short", f"{len(text)} chars < min_text_chars {min_text_chars}")
-    fields = {**parsed.fields, "encoding": encoding}
-    return {
-        "doc_id": doc_id(row["source_id"], url), "url": url, "final_url": row.get("final_url") or url,
-        "fetched_at": row.get("fetched_at"), "sha256": row.get("sha256"), "source_id": row["source_id"],
-        "category": category, "license": row.get("license"), "title": parsed.title, "text": text,
-        "fields": to_json(fields),
-    }, None
 
 
 def _raw_batches(path: Any) -> Iterator[list[dict[str, Any]]]:
@@ -104,40 +50,36 @@ def _raw_batches(path: Any) -> Iterator[list[dict[str, Any]]]:
         yield batch.to_pylist()
 
 
-def _extract_batch(rows: list[dict[str, Any]], min_text_chars: int) -> list[tuple[Any, Any]]:
-    return [extract_page(r, min_text_chars) for r in rows]
-
-
-def extract_workers(total_rows: int) -> int:
-    """Processes for extraction: $D2A_EXTRACT_WORKERS, else all cores for big inputs and 1 for small ones
-    (starting processes costs more than it saves on a few hundred pages)."""
-    env = os.environ.get("D2A_EXTRACT_WORKERS")
-    if env:
-        return max(1, int(env))
+def extract_workers(total_rows: int, configured: int | None = None) -> int:
+    """Processes for extraction: ``extract.workers`` when set, else all cores (at most 8) for big inputs and
+    1 for small ones (starting processes costs more than it saves on a few hundred pages)."""
+    if configured:
+        return max(1, configured)
     return min(os.cpu_count() or 1, 8) if total_rows >= PARALLEL_MIN_ROWS else 1
 
 
-def _extracted(path: Any, min_text_chars: int, workers: int) -> Iterator[tuple[Any, Any]]:
-    """(doc, reject) per raw row, in input order; with workers > 1 a bounded window of batches is in flight."""
-    if workers <= 1:
+def _extracted(path: Any, min_text_chars: int, pool: ProcessPoolExecutor | None,
+               workers: int) -> Iterator[tuple[Any, Any]]:
+    """(doc, reject) per raw row, in input order; with a pool, a bounded window of batches is in flight."""
+    if pool is None or workers <= 1:
         for rows in _raw_batches(path):
-            yield from _extract_batch(rows, min_text_chars)
+            yield from extract_batch(rows, min_text_chars)
         return
-    ctx = mp.get_context("spawn")  # no fork of a process that holds threads (Prefect, servers)
-    with ProcessPoolExecutor(max_workers=workers, mp_context=ctx) as pool:
-        window: deque[Any] = deque()
-        for rows in _raw_batches(path):
-            window.append(pool.submit(_extract_batch, rows, min_text_chars))
-            if len(window) >= 2 * workers:
-                yield from window.popleft().result()
-        while window:
+    window: deque[Any] = deque()
+    for rows in _raw_batches(path):
+        window.append(pool.submit(extract_batch, rows, min_text_chars))
+        if len(window) >= 2 * workers:
             yield from window.popleft().result()
+    while window:
+        yield from window.popleft().result()
 
 
 def run_extract(cfg: PipelineConfig) -> dict[str, Any]:
     raw_dir = cfg.root / "raw"
     raw_manifest = require_manifest(raw_dir, "scrape")
-    stage = Stage("extract", cfg.root / "extracted", config=cfg.section("extract"),
+    # the worker count does not change the output, so it is not part of the fingerprint
+    stage = Stage("extract", cfg.root / "extracted",
+                  config={k: v for k, v in cfg.section("extract").items() if k != "workers"},
                   # the pages fingerprint, not the scrape stage's: a new User-Agent or delay changes no page
                   inputs={"pages": raw_manifest["inputs"]["pages"]})
     done = stage.up_to_date()
@@ -148,20 +90,23 @@ def run_extract(cfg: PipelineConfig) -> dict[str, Any]:
     per_cat: dict[str, dict[str, int]] = {}
     reasons: Counter[str] = Counter()
     n_in = n_kept = n_rej = 0
-    with stage.building() as work:
+    paths = {c: raw_dir / c / "pages.parquet" for c in CATEGORIES if (raw_dir / c / "pages.parquet").is_file()}
+    largest = max((pq.ParquetFile(p).metadata.num_rows for p in paths.values()), default=0)
+    workers = extract_workers(largest, cfg.extract.workers)
+    # one pool for the whole stage (workers import scrapers.extract_page only: no Prefect, quick to start)
+    pool = ProcessPoolExecutor(max_workers=workers, mp_context=mp.get_context("spawn")) if workers > 1 else None
+    with contextlib.ExitStack() as stack, stage.building() as work:
+        if pool is not None:
+            stack.enter_context(pool)
         rej_writer = pq.ParquetWriter(work / "rejects.parquet", REJECT_SCHEMA)
         rejects: list[dict[str, Any]] = []
-        for category in CATEGORIES:
-            path = raw_dir / category / "pages.parquet"
-            if not path.is_file():
-                continue
+        for category, path in paths.items():
             counts = per_cat.setdefault(category, {"documents_in": 0, "kept": 0, "rejected": 0})
             total = pq.ParquetFile(path).metadata.num_rows
-            workers = extract_workers(total)
             t_cat, last = time.monotonic(), time.monotonic()
             with pq.ParquetWriter(work / f"{category}.parquet", DOC_SCHEMA) as writer:
                 docs: list[dict[str, Any]] = []
-                for doc, rej in _extracted(path, cfg.extract.min_text_chars, workers):
+                for doc, rej in _extracted(path, cfg.extract.min_text_chars, pool, workers):
                     n_in += 1
                     counts["documents_in"] += 1
                     if time.monotonic() - last >= PROGRESS_EVERY_S:

@@ -26,6 +26,12 @@ Selection per category c with budget B_c = round(ratio_c * T):
     max_repeat * available; what the cap leaves unmet is the shortfall.
 The same seed, corpus and tokenizer always give the same selection; a new document only changes
 the selection where its hash falls in the order.
+
+Bad input: a row with null/empty text or no doc_id, or a file of an unknown category, is never
+selected; it is listed in ``mix/quarantine.parquet`` (file, row, reason) and counted, so
+``documents in = available + quarantined`` per category. Token counting is the expensive part (a
+full tokenization): it runs in ``tokenize.workers`` processes, or on Dask workers when an executor
+is given, with results taken in order, so the plan is the same however it ran.
 """
 
 from __future__ import annotations
@@ -40,11 +46,12 @@ from typing import Any
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.parquet as pq
 from prefect import task
 
 from tasks.config import CATEGORIES, PipelineConfig, config_from_dict, dump_resolved, load_config
 from tasks.manifest import Stage, require_manifest
-from tasks.textio import CategoryWriters, Progress, category_files, iter_batches, num_rows
+from tasks.textio import CategoryWriters, Progress, category_files, dask_executor, iter_batches, num_rows, ordered_map
 
 log = logging.getLogger("tasks.mix")
 
@@ -157,7 +164,7 @@ def plan(available: dict[str, tuple[np.ndarray, np.ndarray]], ratios: dict[str, 
         repeats[cat] = rep
         sel = int((n * rep).sum())
         report[cat] = CategoryMix(
-            category_id=CATEGORIES.index(cat), ratio=ratio, available_docs=len(n), available_tokens=int(n.sum()),
+            category_id=CATEGORIES.index(cat), ratio=ratio, available_docs=int((n > 0).sum()), available_tokens=int(n.sum()),
             target_tokens=budget, selected_docs=int((rep > 0).sum()), selected_tokens=sel, target_share=ratio,
             repeat_factor=round(sel / int(n.sum()), 4) if len(n) and n.sum() else 0.0,
             shortfall_tokens=max(0, budget - sel),
@@ -185,26 +192,59 @@ def format_table(report: dict[str, CategoryMix], totals: dict[str, Any]) -> str:
 # ------------------------------------------------------------------------------- the stage
 def count_tokens(tok, texts: list[str]) -> list[int]:
     """Tokens per text as the packer will emit them: ids without special tokens, plus one EOS."""
-    enc = tok(texts, add_special_tokens=False, return_attention_mask=False, verbose=False)["input_ids"]
-    return [len(ids) + 1 for ids in enc]
+    from tasks.tokenize import Encoder
+
+    return [len(ids) + 1 for ids in Encoder(tok=tok)(texts)]
 
 
-def _measure(path: Path, cat: str, tok, seed: int) -> tuple[np.ndarray, np.ndarray]:
+def count_job(job) -> list[int]:
+    """Worker entry point: tokens (+ EOS) per text of one batch."""
+    from tasks.tokenize import encode_job
+
+    return [len(ids) + 1 for ids in encode_job(job)]
+
+
+QUARANTINE_SCHEMA = pa.schema([("category", pa.string()), ("file", pa.string()), ("row", pa.int64()),
+                               ("doc_id", pa.string()), ("reason", pa.string())])
+
+
+def _measure(path: Path, cat: str, counter, seed: int, quarantine: list[dict]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(n_tokens, order keys, usable mask) per row of one category file; bad rows are quarantined."""
     n_tok: list[int] = []
     keys: list[int] = []
+    ok: list[bool] = []
     prog = Progress(log, f"mix: counting tokens in {cat}", num_rows(path))
-    for batch in iter_batches(path, ["doc_id", "text"]):
-        d = batch.to_pydict()
-        texts = [t if isinstance(t, str) else "" for t in d["text"]]  # clean never writes null text
-        n_tok.extend(count_tokens(tok, texts))
-        keys.extend(order_key(seed, str(x)) for x in d["doc_id"])
-        prog.update(batch.num_rows)
-    return np.asarray(n_tok, dtype=np.int64), np.asarray(keys, dtype=np.uint64)
+
+    def batches():
+        row0 = 0
+        for batch in iter_batches(path, ["doc_id", "text"]):
+            d = batch.to_pydict()
+            good = [isinstance(t, str) and bool(t.strip()) and isinstance(i, str) and bool(i)
+                    for i, t in zip(d["doc_id"], d["text"])]
+            for r, g in enumerate(good):
+                if not g:
+                    reason = "no doc_id" if not isinstance(d["doc_id"][r], str) or not d["doc_id"][r] else "null or empty text"
+                    if len(quarantine) < 20:
+                        log.warning("mix: %s row %d: %s; not selected (quarantined)", path, row0 + r, reason)
+                    quarantine.append({"category": cat, "file": "/".join(path.parts[-3:]), "row": row0 + r,
+                                       "doc_id": d["doc_id"][r], "reason": reason})
+            yield (d["doc_id"], good), [t for t, g in zip(d["text"], good) if g]
+            row0 += batch.num_rows
+
+    for (doc_ids, good), counts in counter(batches()):
+        it = iter(counts)
+        n_tok.extend(next(it) if g else 0 for g in good)
+        keys.extend(order_key(seed, str(x)) for x in doc_ids)
+        ok.extend(good)
+        prog.update(len(good))
+    return np.asarray(n_tok, dtype=np.int64), np.asarray(keys, dtype=np.uint64), np.asarray(ok, dtype=bool)
 
 
-def run_mix(cfg: PipelineConfig, tokenizer=None) -> dict[str, Any]:
-    """Plan and write ``<root>/mix/train``; ``tokenizer`` defaults to the model's (``get_tokenizer``)."""
+def run_mix(cfg: PipelineConfig, tokenizer=None, workers: int | None = None, executor=None) -> dict[str, Any]:
+    """Plan and write ``<root>/mix/train``; ``tokenizer`` defaults to the model's (``get_tokenizer``).
+    Token counting runs in ``workers`` processes (default ``tokenize.workers``) or on ``executor``."""
     from tasks.model import tokenizer_fingerprint
+    from tasks.tokenize import Encoder, tokenizer_ref
 
     split_m = require_manifest(cfg.root / "split", "split")
     tok = tokenizer if tokenizer is not None else get_tokenizer(cfg)
@@ -214,9 +254,35 @@ def run_mix(cfg: PipelineConfig, tokenizer=None) -> dict[str, Any]:
     if (m := stage.up_to_date()) is not None:
         log.info("mix: up to date (%s)", stage.out_dir)
         return m
-    files = category_files(cfg.root / "split" / "train")
-    measured = {cat: _measure(p, cat, tok, cfg.seed) for cat, p in files.items()}
+    workers = cfg.tokenize.workers if workers is None else workers
+    if workers <= 1 and executor is None:
+        enc = Encoder(tok=tok)
+
+        def counter(batches):
+            for ctx, texts in batches:
+                yield ctx, [len(ids) + 1 for ids in enc(texts)]
+    else:
+        ref = tokenizer_ref(tok, tok_fp, cfg.root / "models" / "tokenizers")
+
+        def counter(batches):
+            return ordered_map(count_job, ((ctx, (ref, texts)) for ctx, texts in batches), workers, executor=executor)
+
+    split_dir = cfg.root / "split" / "train"
+    files = category_files(split_dir)
+    quarantine: list[dict] = []
+    for p in category_files(split_dir, include_unknown=True).values():
+        if p.stem not in files:  # an unknown category upstream: never mixed, but never silently ignored
+            for row0, batch in enumerate(iter_batches(p, ["doc_id"], batch_rows=1)):
+                quarantine.append({"category": p.stem, "file": "/".join(p.parts[-3:]), "row": row0,
+                                   "doc_id": batch.column("doc_id")[0].as_py(), "reason": "unknown category"})
+            log.warning("mix: %s is not one of the categories %s; its rows are quarantined", p, list(CATEGORIES))
+    measured3 = {cat: _measure(p, cat, counter, cfg.seed, quarantine) for cat, p in files.items()}
+    measured = {cat: (n, k) for cat, (n, k, _) in measured3.items()}
     report, repeats, totals = plan(measured, cfg.mix.ratios, cfg.mix.total_tokens, cfg.mix.max_repeat)
+    for cat, (_, _, ok) in measured3.items():  # a zero-token bad row costs nothing to "select": never write it
+        if cat in repeats:
+            repeats[cat][~ok] = 0
+    totals["quarantined"] = len(quarantine)
     with stage.building() as work:
         with CategoryWriters(work / "train") as out:
             for cat, path in files.items():
@@ -237,6 +303,7 @@ def run_mix(cfg: PipelineConfig, tokenizer=None) -> dict[str, Any]:
                             schema=OUT_SCHEMA))
                     row += batch.num_rows
         counts = {"categories": {c: asdict(r) for c, r in report.items()}, "total": totals}
+        pq.write_table(pa.Table.from_pylist(quarantine, schema=QUARANTINE_SCHEMA), work / "quarantine.parquet")
         table = format_table(report, totals)
         (work / "report.txt").write_text(table + "\n", encoding="utf-8")
         dump_resolved(cfg, work / "config.yaml")
@@ -253,7 +320,8 @@ def run_mix(cfg: PipelineConfig, tokenizer=None) -> dict[str, Any]:
 # ------------------------------------------------------------------------------- entry points
 @task(name="mix")
 def mix(cfg_dict: dict) -> dict:
-    return run_mix(config_from_dict(cfg_dict))
+    with dask_executor() as ex:  # on a Dask worker (DaskTaskRunner): count tokens across the cluster
+        return run_mix(config_from_dict(cfg_dict), executor=ex)
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -87,10 +87,34 @@ def resolve_base(cfg: ModelConfig, models_dir: Path) -> str:
     return str(out)
 
 
-def load_tokenizer(path_or_id: str, cfg: ModelConfig):
-    from transformers import AutoTokenizer
+MISTRAL_COMMON_PREFIX = "mistral-common:"
 
-    tok = AutoTokenizer.from_pretrained(path_or_id, revision=cfg.revision, trust_remote_code=cfg.trust_remote_code)
+
+def tokenizer_file(spec: str) -> Path:
+    """The file a ``model.tokenizer`` spec names: ``mistral-common:<file>`` (shipped in the package's
+    data directory, e.g. tekken_240911.json) or a path."""
+    if spec.startswith(MISTRAL_COMMON_PREFIX):
+        import mistral_common
+
+        path = Path(mistral_common.__file__).parent / "data" / spec[len(MISTRAL_COMMON_PREFIX):]
+    else:
+        path = resolve_path(spec)
+    if not path.is_file():
+        raise FileNotFoundError(f"model.tokenizer={spec!r}: no such file {path}")
+    return path
+
+
+def load_tokenizer(path_or_id: str, cfg: ModelConfig):
+    """The model's tokenizer: ``cfg.tokenizer`` when set (Mistral's Tekken through transformers'
+    MistralCommonBackend, which wraps mistral-common itself), else the model directory's own."""
+    if cfg.tokenizer:
+        from transformers.tokenization_mistral_common import MistralCommonBackend
+
+        tok = MistralCommonBackend(tokenizer_path=str(tokenizer_file(cfg.tokenizer)))
+    else:
+        from transformers import AutoTokenizer
+
+        tok = AutoTokenizer.from_pretrained(path_or_id, revision=cfg.revision, trust_remote_code=cfg.trust_remote_code)
     if tok.pad_token_id is None:
         tok.pad_token = tok.eos_token
     return tok
@@ -99,12 +123,15 @@ def load_tokenizer(path_or_id: str, cfg: ModelConfig):
 def tokenizer_fingerprint(tok) -> str:
     """Hash of what decides the ids: the vocabulary/merges/normalizer and the special tokens."""
     backend = getattr(tok, "backend_tokenizer", None)
+    mc_path = getattr(tok, "_tokenizer_path", None)
     if backend is not None:
-        body = backend.to_str()
-    else:  # e.g. MistralCommonBackend: the vocabulary as the tokenizer reports it
-        body = json.dumps(sorted(tok.get_vocab().items()))
+        body = backend.to_str().encode("utf-8")
+    elif mc_path is not None and Path(mc_path).is_file():  # MistralCommonBackend: the tekken.json itself
+        body = Path(mc_path).read_bytes()
+    else:
+        body = json.dumps(sorted(tok.get_vocab().items())).encode("utf-8")
     specials = {"eos": tok.eos_token_id, "bos": tok.bos_token_id, "pad": tok.pad_token_id, "n": len(tok)}
-    return sha256_bytes(body.encode("utf-8") + json.dumps(specials, sort_keys=True).encode())
+    return sha256_bytes(body + json.dumps(specials, sort_keys=True).encode())
 
 
 def bnb_config(q: QuantizationConfig):

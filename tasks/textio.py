@@ -8,6 +8,7 @@ bounded by the batch size, not the corpus.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import time
 from collections.abc import Iterable, Iterator
@@ -94,8 +95,8 @@ class CategoryWriters:
 class Progress:
     """Log ``what``: n items, rate and elapsed time at most every ``every_s`` seconds."""
 
-    def __init__(self, log: logging.Logger, what: str, total: int | None = None, every_s: float = 10.0):
-        self.log, self.what, self.total, self.every_s = log, what, total, every_s
+    def __init__(self, log: logging.Logger, what: str, total: int | None = None, every_s: float = 10.0, unit: str = "docs"):
+        self.log, self.what, self.total, self.every_s, self.unit = log, what, total, every_s, unit
         self.n = 0
         self.t0 = self._last = time.monotonic()
 
@@ -107,30 +108,72 @@ class Progress:
             rate = self.n / max(now - self.t0, 1e-9)
             eta = f", ETA {(self.total - self.n) / rate:.0f}s" if self.total and rate > 0 else ""
             of = f"/{self.total}" if self.total else ""
-            self.log.info("%s: %d%s docs, %.0f docs/s%s", self.what, self.n, of, rate, eta)
+            self.log.info("%s: %d%s %s, %.0f %s/s%s", self.what, self.n, of, self.unit, rate, self.unit, eta)
 
 
-def ordered_map(fn, items: Iterable[tuple[object, object]], workers: int = 1, window: int | None = None):
-    """For (context, job) pairs yield (context, fn(job)) in input order. With workers > 1 the jobs
-    run in a process pool with at most ``window`` (default 2 x workers) in flight, so memory stays
-    bounded however long the input is; ``fn`` must be a picklable module-level function."""
+def ordered_map(fn, items: Iterable[tuple[object, object]], workers: int = 1, window: int | None = None, executor=None):
+    """For (context, job) pairs yield (context, fn(job)) in input order, so the output never depends
+    on how the work was spread. ``executor`` (a ``distributed.Client`` or any object with
+    ``submit(fn, arg)``) runs the jobs on a cluster; else ``workers`` > 1 runs them in a local
+    process pool; else in this process. At most ``window`` jobs are in flight (default 2 x the
+    workers), so memory stays bounded however long the input is. ``fn`` must be a picklable
+    module-level function."""
+    if executor is not None:
+        window = window or 2 * max(_executor_slots(executor), 1)
+        yield from _windowed(items, lambda job: _submit(executor, fn, job), window)
+        return
     if workers <= 1:
         for ctx, job in items:
             yield ctx, fn(job)
         return
     import multiprocessing as mp
-    from collections import deque
     from concurrent.futures import ProcessPoolExecutor
 
-    window = window or 2 * workers
     # spawn, not fork: the parent has threads (Prefect, Arrow) and forking those can deadlock
     with ProcessPoolExecutor(max_workers=workers, mp_context=mp.get_context("spawn")) as pool:
-        pending: deque = deque()
-        for ctx, job in items:
-            pending.append((ctx, pool.submit(fn, job)))
-            if len(pending) >= window:
-                c, fut = pending.popleft()
-                yield c, fut.result()
-        while pending:
+        yield from _windowed(items, lambda job: pool.submit(fn, job), window or 2 * workers)
+
+
+def _windowed(items, submit, window: int):
+    from collections import deque
+
+    pending: deque = deque()
+    for ctx, job in items:
+        pending.append((ctx, submit(job)))
+        if len(pending) >= window:
             c, fut = pending.popleft()
             yield c, fut.result()
+    while pending:
+        c, fut = pending.popleft()
+        yield c, fut.result()
+
+
+def _submit(executor, fn, job):
+    try:  # distributed.Client: pure=False, or it would hash every batch of texts to name the task
+        return executor.submit(fn, job, pure=False)
+    except TypeError:
+        return executor.submit(fn, job)
+
+
+def _executor_slots(executor) -> int:
+    """Worker threads a Dask client can use (so the window keeps them all busy)."""
+    try:
+        return sum(w.get("nthreads", 1) for w in executor.scheduler_info()["workers"].values())
+    except Exception:  # noqa: BLE001 - not a distributed.Client: assume a handful
+        return 4
+
+
+@contextlib.contextmanager
+def dask_executor():
+    """A client for fanning work out when this code runs inside a Dask worker (a Prefect task under
+    DaskTaskRunner), else None. ``worker_client`` secedes from the worker's thread pool while the
+    stage waits, so the stage's own sub-jobs can use that thread."""
+    try:
+        from distributed import get_worker, worker_client
+
+        get_worker()
+    except (ImportError, ValueError):
+        yield None
+        return
+    with worker_client() as client:
+        yield client

@@ -1,12 +1,24 @@
 """Tokenize and pack documents into fixed-size Arrow shards, and read them back for training.
 
 Writes ``tokenized/<tokenizer-fingerprint[:16]>/``:
-  ``train/shard-NNNNN.arrow``             the mixed training stream
+  ``train/shard-NNNNN.arrow``             the mixed training stream, rows globally shuffled (seeded)
   ``eval/<category>/shard-NNNNN.arrow``   one held-out stream per category
+  ``quarantine.parquet``                  input rows that could not be tokenized, with file, row, reason
 Each row is ``seq_len`` token ids (uint16, or uint32 when the vocabulary exceeds 65,535) holding
 several documents, each ended by EOS. ``seg_starts`` records where each document segment begins so
 training can keep attention inside documents; ``seg_categories`` says which category each segment
 came from; ``length`` is the number of real tokens (the rest is padding in the last row only).
+
+Writing streams: documents are read in record batches, encoded in worker processes (or on Dask
+workers) with results consumed in order, so the output does not depend on how many workers ran.
+Encoding goes through ``Encoder``: for Tekken (Mistral) it calls the tiktoken ``Encoding`` inside
+mistral-common's own ``Tekkenizer`` with the same special-token offset (tests/test_tekken.py proves
+the ids equal mistral-common's and transformers' MistralCommonBackend's on golden strings); for
+other models the ``tokenizers`` Rust backend the model's fast tokenizer wraps.
+
+The global shuffle is a two-pass external shuffle (each packed row goes to one of K temporary
+buckets chosen at random, then each bucket is permuted in memory and appended in bucket order):
+that yields a uniformly random permutation with at most ``shuffle_bucket_rows`` rows in memory.
 
 The reader (``PackedShards``) memory-maps the shards; its order is a permutation drawn from
 (seed, epoch), so a data position is just (epoch, batch index): resuming costs O(1).
@@ -15,8 +27,9 @@ The reader (``PackedShards``) memory-maps the shards; its order is a permutation
 from __future__ import annotations
 
 import argparse
-import hashlib
 import logging
+import math
+import shutil
 import time
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
@@ -25,12 +38,14 @@ from typing import Any
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.ipc as ipc
 import pyarrow.parquet as pq
-from prefect import task
+from tasks._prefect import task
 
 from tasks.config import CATEGORIES, PipelineConfig, config_from_dict, load_config
 from tasks.manifest import Stage, require_manifest
+from tasks.textio import Progress, dask_executor, iter_batches, ordered_map
 
 log = logging.getLogger(__name__)
 
@@ -50,8 +65,20 @@ def row_schema(seq_len: int, vocab_size: int) -> pa.Schema:
     )
 
 
+def rows_table(schema: pa.Schema, ids: np.ndarray, starts: list, cats: list, lengths: list) -> pa.Table:
+    """Packed rows (ids: rows x seq_len) as a table of ``schema``."""
+    id_type = schema.field("input_ids").type
+    flat = pa.array(ids.reshape(-1).astype(id_type.value_type.to_pandas_dtype(), copy=False), type=id_type.value_type)
+    return pa.table(
+        [pa.FixedSizeListArray.from_arrays(flat, id_type.list_size),
+         pa.array(starts, type=pa.list_(pa.int32())), pa.array(cats, type=pa.list_(pa.int8())),
+         pa.array(lengths, type=pa.int32())],
+        schema=schema,
+    )
+
+
 class ShardWriter:
-    """Writes packed rows into Arrow IPC files of ``rows_per_shard`` rows each."""
+    """Writes packed rows into Arrow IPC files of exactly ``rows_per_shard`` rows (the last one may be short)."""
 
     def __init__(self, out_dir: Path, seq_len: int, vocab_size: int, rows_per_shard: int):
         self.out_dir, self.seq_len, self.rows_per_shard = out_dir, seq_len, rows_per_shard
@@ -70,17 +97,8 @@ class ShardWriter:
     def flush(self) -> None:
         if not self.buf:
             return
-        flat = np.concatenate([b[0] for b in self.buf]).astype(self.np_dtype, copy=False)
-        ids = pa.FixedSizeListArray.from_arrays(pa.array(flat, type=self.schema.field("input_ids").type.value_type), self.seq_len)
-        table = pa.table(
-            [
-                ids,
-                pa.array([b[1] for b in self.buf], type=pa.list_(pa.int32())),
-                pa.array([b[2] for b in self.buf], type=pa.list_(pa.int8())),
-                pa.array([b[3] for b in self.buf], type=pa.int32()),
-            ],
-            schema=self.schema,
-        )
+        ids = np.stack([b[0] for b in self.buf]).astype(self.np_dtype, copy=False)
+        table = rows_table(self.schema, ids, [b[1] for b in self.buf], [b[2] for b in self.buf], [b[3] for b in self.buf])
         path = self.out_dir / f"shard-{len(self.shards):05d}.arrow"
         with pa.OSFile(str(path), "wb") as sink, ipc.new_file(sink, self.schema) as writer:
             writer.write_table(table, max_chunksize=1024)
@@ -89,86 +107,315 @@ class ShardWriter:
         self.buf = []
 
 
+class ShuffleBuckets:
+    """First pass of the external shuffle: a row sink (same ``add`` as ShardWriter) that sends every
+    row to one of ``n_buckets`` temporary Arrow streams chosen by a seeded RNG. ``drain`` is the
+    second pass: each bucket is permuted in memory and its rows go to ``writer`` in bucket order."""
+
+    def __init__(self, tmp_dir: Path, writer: ShardWriter, n_buckets: int, seed: int, max_rows_in_memory: int):
+        self.tmp, self.w, self.k, self.seed = tmp_dir, writer, max(1, n_buckets), seed
+        self.seq_len = writer.seq_len
+        tmp_dir.mkdir(parents=True, exist_ok=True)
+        self.flush_rows = max(1, min(1024, max_rows_in_memory // self.k))  # bounds pass-1 memory over all buckets
+        self.rng = np.random.default_rng([seed, 0x5EED])
+        self.choice = np.zeros(0, np.int64)
+        self.buf: list[list] = [[] for _ in range(self.k)]
+        self.writers: dict[int, ipc.RecordBatchStreamWriter] = {}
+        self.sinks: dict[int, pa.OSFile] = {}
+        self.rows = 0
+        if self.k > 512:
+            _raise_open_files_limit(self.k + 64)
+
+    def add(self, ids: np.ndarray, seg_starts: list[int], seg_cats: list[int], length: int) -> None:
+        if not len(self.choice):
+            self.choice = self.rng.integers(0, self.k, 4096)
+        b, self.choice = int(self.choice[0]), self.choice[1:]
+        self.buf[b].append((ids.astype(self.w.np_dtype), seg_starts, seg_cats, length))
+        self.rows += 1
+        if len(self.buf[b]) >= self.flush_rows:
+            self._flush(b)
+
+    def _flush(self, b: int) -> None:
+        rows = self.buf[b]
+        if not rows:
+            return
+        if b not in self.writers:
+            self.sinks[b] = pa.OSFile(str(self.tmp / f"bucket-{b:05d}.arrows"), "wb")
+            self.writers[b] = ipc.new_stream(self.sinks[b], self.w.schema)
+        self.writers[b].write_table(rows_table(self.w.schema, np.stack([r[0] for r in rows]), [r[1] for r in rows],
+                                              [r[2] for r in rows], [r[3] for r in rows]))
+        self.buf[b] = []
+
+    def drain(self) -> None:
+        for b in range(self.k):
+            self._flush(b)
+        for b in self.writers:
+            self.writers[b].close()
+            self.sinks[b].close()
+        for b in range(self.k):
+            path = self.tmp / f"bucket-{b:05d}.arrows"
+            if not path.is_file():
+                continue
+            with pa.OSFile(str(path), "rb") as f:
+                t = ipc.open_stream(f).read_all()
+            perm = np.random.default_rng([self.seed, b]).permutation(t.num_rows)
+            ids = t.column("input_ids").combine_chunks().values.to_numpy().reshape(t.num_rows, -1)
+            starts, cats, lengths = (t.column(c).to_pylist() for c in ("seg_starts", "seg_categories", "length"))
+            for i in perm:
+                self.w.add(ids[i], starts[i], cats[i], lengths[i])
+            del t, ids
+            path.unlink()
+        self.w.flush()
+        shutil.rmtree(self.tmp, ignore_errors=True)
+
+
+def _raise_open_files_limit(n: int) -> None:
+    import resource
+
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft < n:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (min(n, hard), hard))
+
+
 class Packer:
     """Greedy packer: concatenates documents (each + EOS) and cuts rows of exactly seq_len.
 
     A document longer than the space left continues in the next row as a new segment, so no
-    token is dropped; only the final row is padded."""
+    token is dropped; only the final row is padded. Works on numpy arrays: a row is filled with
+    slice copies, not token by token."""
 
     def __init__(self, writer: ShardWriter, eos_id: int, pad_id: int):
         self.w, self.eos, self.pad = writer, eos_id, pad_id
-        self.cur: list[int] = []
+        self.row = np.full(writer.seq_len, pad_id, dtype=np.int64)
+        self.n = 0
         self.starts: list[int] = []
         self.cats: list[int] = []
         self.tokens = 0
         self.docs = 0
 
-    def add(self, ids: list[int], cat: int) -> None:
-        seq = list(ids) + [self.eos]
-        self.tokens += len(seq)
+    def add(self, ids, cat: int) -> None:
+        seq = np.asarray(ids, dtype=np.int64)
+        total = len(seq) + 1  # + EOS
+        self.tokens += total
         self.docs += 1
-        while seq:
-            room = self.w.seq_len - len(self.cur)
-            self.starts.append(len(self.cur))
+        pos, L = 0, self.w.seq_len
+        while pos < total:
+            take = min(L - self.n, total - pos)
+            self.starts.append(self.n)
             self.cats.append(cat)
-            self.cur.extend(seq[:room])
-            seq = seq[room:]
-            if len(self.cur) == self.w.seq_len:
+            body = min(take, len(seq) - pos)  # document tokens in this piece; the EOS goes after them
+            if body > 0:
+                self.row[self.n : self.n + body] = seq[pos : pos + body]
+            if body < take:
+                self.row[self.n + body] = self.eos
+            self.n += take
+            pos += take
+            if self.n == L:
                 self._emit()
 
     def _emit(self) -> None:
-        n = len(self.cur)
-        ids = np.full(self.w.seq_len, self.pad, dtype=np.int64)
-        ids[:n] = self.cur
-        self.w.add(ids, self.starts, self.cats, n)
-        self.cur, self.starts, self.cats = [], [], []
+        self.w.add(self.row.copy(), self.starts, self.cats, self.n)
+        self.row[:] = self.pad
+        self.n = 0
+        self.starts, self.cats = [], []
 
     def close(self) -> None:
-        if self.cur:
+        if self.n:
             self._emit()
-        self.w.flush()
+        if isinstance(self.w, ShuffleBuckets):
+            self.w.drain()
+        else:
+            self.w.flush()
 
 
-def _stable_order(doc_ids: Iterable[str], seed: int) -> list[int]:
-    keys = [hashlib.sha256(f"{seed}:{d}".encode()).digest() for d in doc_ids]
-    return sorted(range(len(keys)), key=keys.__getitem__)
+# ------------------------------------------------------------------------------ encoding
+@dataclass(frozen=True)
+class TokenizerRef:
+    """A picklable handle on the model's tokenizer for worker processes and Dask workers: the file
+    that defines it (a tekken.json, or a tokenizers JSON written next to the data) and its fingerprint."""
+
+    kind: str  # "tekken" | "hf"
+    path: str
+    fingerprint: str
 
 
-def _encode(tok, texts: list[str]) -> list[list[int]]:
-    return tok(texts, add_special_tokens=False)["input_ids"] if texts else []
+def tokenizer_ref(tok, tok_fp: str, cache_dir: Path) -> TokenizerRef:
+    tk = _tekkenizer(tok)
+    if tk is not None:
+        return TokenizerRef("tekken", str(tok._tokenizer_path), tok_fp)
+    backend = getattr(tok, "backend_tokenizer", None)
+    if backend is None:
+        raise TypeError(f"{type(tok).__name__}: no fast (Rust) backend; only fast tokenizers and Tekken are supported")
+    cache_dir.mkdir(parents=True, exist_ok=True)
+    path = cache_dir / f"tokenizer-{tok_fp[:16]}.json"
+    if not path.is_file():
+        tmp = path.with_name(path.name + ".tmp")
+        tmp.write_text(backend.to_str(), encoding="utf-8")
+        tmp.replace(path)
+    return TokenizerRef("hf", str(path), tok_fp)
 
 
-def _train_stream(mix_dir: Path, seed: int) -> Iterator[tuple[int, list[str]]]:
-    """Yield (category id, texts) batches: every selected doc ``repeat`` times, copies of one doc in
-    separate passes so they never share a row, categories interleaved batch by batch."""
-    tables = {}
-    for cat in CATEGORIES:
-        p = mix_dir / f"{cat}.parquet"
-        if p.is_file():
-            t = pq.read_table(p, columns=["doc_id", "text", "repeat"])
-            order = _stable_order(t.column("doc_id").to_pylist(), seed)
-            tables[cat] = (t.column("text").to_pylist(), t.column("repeat").to_pylist(), order)
-    max_rep = max((max(r, default=1) for _, r, _ in tables.values()), default=0)
+def _tekkenizer(tok):
+    """mistral-common's Tekkenizer behind a MistralCommonBackend (or a MistralTokenizer), else None."""
+    inner = getattr(tok, "tokenizer", tok)
+    inner = getattr(getattr(inner, "instruct_tokenizer", None), "tokenizer", inner)
+    try:
+        from mistral_common.tokens.tokenizers.tekken import Tekkenizer
+    except ImportError:
+        return None
+    return inner if isinstance(inner, Tekkenizer) else None
+
+
+class Encoder:
+    """Texts -> token ids (no BOS/EOS) exactly as the model's tokenizer gives them, as numpy arrays.
+
+    Tekken: mistral-common's ``Tekkenizer.encode`` is ``tiktoken.Encoding.encode`` plus
+    ``num_special_tokens``; we call the same Encoding object (no Python list per token) and add the
+    same offset. Other models: the ``tokenizers`` backend's ``encode_batch``, which is what
+    ``PreTrainedTokenizerFast.__call__(add_special_tokens=False)`` runs."""
+
+    def __init__(self, ref: TokenizerRef | None = None, tok=None):
+        self.tekken = None
+        if ref is not None and ref.kind == "tekken":
+            from mistral_common.tokens.tokenizers.tekken import Tekkenizer
+
+            self.tekken = Tekkenizer.from_file(ref.path)
+        elif ref is not None:
+            from tokenizers import Tokenizer
+
+            self.backend = Tokenizer.from_file(ref.path)
+        elif (tk := _tekkenizer(tok)) is not None:
+            self.tekken = tk
+        else:
+            self.backend = tok.backend_tokenizer
+        if self.tekken is not None:
+            self._bpe, self._offset = self.tekken._model, np.uint32(self.tekken.num_special_tokens)
+
+    def __call__(self, texts: list[str]) -> list[np.ndarray]:
+        if self.tekken is not None:
+            return [self._bpe.encode_to_numpy(t) + self._offset for t in texts]
+        return [np.asarray(e.ids, dtype=np.uint32) for e in self.backend.encode_batch(texts, add_special_tokens=False)]
+
+
+_ENCODERS: dict[TokenizerRef, Encoder] = {}
+
+
+def encoder_for(ref: TokenizerRef) -> Encoder:
+    """One Encoder per process (and per Dask worker), built on first use."""
+    enc = _ENCODERS.get(ref)
+    if enc is None:
+        enc = _ENCODERS[ref] = Encoder(ref)
+    return enc
+
+
+def encode_job(job: tuple[TokenizerRef, list[str]]) -> list[np.ndarray]:
+    """Worker entry point: encode one batch of texts."""
+    ref, texts = job
+    return encoder_for(ref)(texts)
+
+
+# ------------------------------------------------------------------------------ reading the inputs
+QUARANTINE_SCHEMA = pa.schema([("split", pa.string()), ("category", pa.string()), ("file", pa.string()),
+                               ("row", pa.int64()), ("doc_id", pa.string()), ("reason", pa.string())])
+
+
+def _relative(path: Path) -> str:
+    """``<split|mix>/.../<category>.parquet``: the path under the data root, so outputs do not depend on where it lives."""
+    parts = Path(path).parts
+    return str(Path(*parts[-3:])) if len(parts) >= 3 else str(path)
+
+
+class Quarantine:
+    """Rows that cannot be tokenized (null/empty text, an unknown category file): kept with file and
+    row so ``documents in = packed + quarantined`` always holds."""
+
+    def __init__(self) -> None:
+        self.rows: list[dict[str, Any]] = []
+
+    def add(self, split: str, category: str, file: Path, row: int, doc_id: Any, reason: str) -> None:
+        if len(self.rows) < 20:
+            log.warning("tokenize: quarantined %s row %d (%s): %s", file, row, doc_id, reason)
+        self.rows.append({"split": split, "category": category, "file": _relative(file), "row": row,
+                          "doc_id": None if doc_id is None else str(doc_id), "reason": reason})
+
+    def write(self, path: Path) -> None:
+        pq.write_table(pa.Table.from_pylist(self.rows, schema=QUARANTINE_SCHEMA), path)
+
+
+def _valid_texts(batch: pa.RecordBatch, row0: int, split: str, cat: str, path: Path, q: Quarantine) -> tuple[list[str], list[int]]:
+    """The batch's usable texts and their row indices; the rest is quarantined (named by file and row)."""
+    texts = batch.column("text").to_pylist()
+    ids = batch.column("doc_id").to_pylist() if "doc_id" in batch.schema.names else [None] * len(texts)
+    keep, idx = [], []
+    for i, t in enumerate(texts):
+        if not isinstance(t, str) or not t.strip():
+            q.add(split, cat, path, row0 + i, ids[i], "null text" if t is None else "empty text")
+        else:
+            keep.append(t)
+            idx.append(i)
+    return keep, idx
+
+
+def _train_batches(mix_dir: Path, batch_docs: int, q: Quarantine) -> Iterator[tuple[int, list[str]]]:
+    """(category id, texts) batches of the training stream, streamed from the mix files.
+
+    Every selected document is emitted ``repeat`` times, the copies in separate passes over the files
+    so they land far apart; within a pass the categories interleave in proportion to their sizes (the
+    category that is furthest behind goes next), so every part of the stream carries every category.
+    Only one record batch per category is in memory."""
+    files = {cat: mix_dir / f"{cat}.parquet" for cat in CATEGORIES if (mix_dir / f"{cat}.parquet").is_file()}
+    for p in sorted(mix_dir.glob("*.parquet")):
+        if p.stem not in files:
+            for row0, b in _numbered(iter_batches(p, ["doc_id"], batch_docs)):
+                for i, d in enumerate(b.column("doc_id").to_pylist()):
+                    q.add("train", p.stem, p, row0 + i, d, "unknown category")
+    sizes = {c: pq.ParquetFile(p).metadata.num_rows for c, p in files.items()}
+    max_rep = max((int(pc.max(pq.read_table(p, columns=["repeat"]).column("repeat")).as_py() or 1)
+                   for p in files.values()), default=0)
     for rep in range(max_rep):
-        streams = {
-            cat: [texts[i] for i in order if reps[i] > rep] for cat, (texts, reps, order) in tables.items()
-        }
-        # round-robin in small batches so every shard carries every category
-        pos = dict.fromkeys(streams, 0)
-        while any(pos[c] < len(streams[c]) for c in streams):
-            for cat, docs in streams.items():
-                if pos[cat] < len(docs):
-                    # batch size proportional to the category's share keeps the interleave even
-                    step = max(1, len(docs) // 64)
-                    yield CATEGORIES.index(cat), docs[pos[cat] : pos[cat] + step]
-                    pos[cat] += step
+        its = {c: _numbered(iter_batches(p, ["doc_id", "text", "repeat"], batch_docs)) for c, p in files.items()}
+        done = dict.fromkeys(files, 0)
+        while its:
+            cat = min(its, key=lambda c: (done[c] / max(sizes[c], 1), CATEGORIES.index(c)))
+            nxt = next(its[cat], None)
+            if nxt is None:
+                del its[cat]
+                continue
+            row0, b = nxt
+            done[cat] += b.num_rows
+            reps = b.column("repeat").to_numpy(zero_copy_only=False)
+            sel = np.flatnonzero(reps > rep)
+            if not len(sel):
+                continue
+            b = b.take(pa.array(sel))
+            # quarantine only once (in the first pass), not once per copy
+            texts, idx = _valid_texts(b, row0, "train", cat, files[cat], q if rep == 0 else Quarantine())
+            if texts:
+                yield CATEGORIES.index(cat), texts
+
+
+def _numbered(batches: Iterable[pa.RecordBatch]) -> Iterator[tuple[int, pa.RecordBatch]]:
+    row0 = 0
+    for b in batches:
+        yield row0, b
+        row0 += b.num_rows
 
 
 def tokenizer_dir_name(tok_fp: str) -> str:
     return tok_fp[:16]
 
 
-def run_tokenize(cfg: PipelineConfig, tokenizer=None) -> dict[str, Any]:
+def _expected_rows(mix_m: dict[str, Any], seq_len: int) -> int:
+    """Packed training rows the mix's token count implies (packing is dense: only the last row pads)."""
+    tokens = int(mix_m.get("counts", {}).get("total", {}).get("selected_tokens", 0) or 0)
+    return max(1, math.ceil(tokens / seq_len))
+
+
+def run_tokenize(cfg: PipelineConfig, tokenizer=None, workers: int | None = None, executor=None) -> dict[str, Any]:
+    """Tokenize and pack ``mix/train`` and ``split/eval`` into ``tokenized/<fp>/``; returns the manifest.
+
+    ``workers`` (default ``tokenize.workers``) local processes, or ``executor`` (a Dask client or any
+    object with ``submit``) encode the batches; the output is the same byte for byte either way."""
     from tasks.model import load_tokenizer, resolve_base, tokenizer_fingerprint
 
     root = cfg.root
@@ -177,55 +424,90 @@ def run_tokenize(cfg: PipelineConfig, tokenizer=None) -> dict[str, Any]:
     tok = tokenizer or load_tokenizer(resolve_base(cfg.model, root / "models"), cfg.model)
     tok_fp = tokenizer_fingerprint(tok)
     out_dir = root / "tokenized" / tokenizer_dir_name(tok_fp)
+    tc = cfg.tokenize
+    # workers/executor change how, not what: they are not part of the fingerprint
     stage = Stage(
         "tokenize",
         out_dir,
-        {**cfg.section("tokenize"), "seed": cfg.seed},
+        {**cfg.section("tokenize"), "workers": None, "seed": cfg.seed},
         {"mix": mix_m["fingerprint"], "split": split_m["fingerprint"], "tokenizer": tok_fp},
     )
     if done := stage.up_to_date():
         log.info("tokenize: up to date (%s)", out_dir)
         return done
-    tc = cfg.tokenize
+    workers = tc.workers if workers is None else workers
+    ref = tokenizer_ref(tok, tok_fp, root / "models" / "tokenizers")
+    local = Encoder(tok=tok) if workers <= 1 and executor is None else None
     vocab = len(tok)
     eos = tok.eos_token_id
     pad = tok.pad_token_id if tok.pad_token_id is not None else eos
     counts: dict[str, Any] = {"train": {}, "eval": {}}
+    q = Quarantine()
+
+    def encoded(batches: Iterable[tuple[Any, list[str]]]):
+        """(context, ids per text) in input order, encoded here or in workers."""
+        if local is not None:
+            for ctx, texts in batches:
+                yield ctx, local(texts)
+        else:
+            yield from ordered_map(encode_job, ((ctx, (ref, texts)) for ctx, texts in batches), workers, executor=executor)
+
     t0 = time.time()
     with stage.building() as work:
-        # training stream: mixed categories
+        # training stream: mixed categories, packed, then rows shuffled globally
         w = ShardWriter(work / "train", tc.seq_len, vocab, tc.rows_per_shard)
-        packer = Packer(w, eos, pad)
+        sink = w
+        if tc.shuffle:
+            n_buckets = math.ceil(_expected_rows(mix_m, tc.seq_len) / tc.shuffle_bucket_rows)
+            sink = ShuffleBuckets(work / "_shuffle", w, n_buckets, cfg.seed, tc.shuffle_bucket_rows)
+        packer = Packer(sink, eos, pad)
         per_cat = dict.fromkeys(CATEGORIES, 0)
-        for cat_id, texts in _train_stream(root / "mix" / "train", cfg.seed):
-            for start in range(0, len(texts), tc.batch_docs):
-                for ids in _encode(tok, texts[start : start + tc.batch_docs]):
-                    packer.add(ids, cat_id)
-                    per_cat[CATEGORIES[cat_id]] += len(ids) + 1
+        docs_per_cat = dict.fromkeys(CATEGORIES, 0)
+        prog = Progress(log, "tokenize train", unit="tokens")
+        for cat_id, ids_list in encoded(_train_batches(root / "mix" / "train", tc.batch_docs, q)):
+            n0 = packer.tokens
+            for ids in ids_list:
+                packer.add(ids, cat_id)
+            per_cat[CATEGORIES[cat_id]] += packer.tokens - n0
+            docs_per_cat[CATEGORIES[cat_id]] += len(ids_list)
+            prog.update(packer.tokens - n0)
         packer.close()
         counts["train"] = {"rows": w.rows, "shards": len(w.shards), "documents": packer.docs,
-                           "tokens": packer.tokens, "tokens_per_category": per_cat}
+                           "tokens": packer.tokens, "tokens_per_category": per_cat,
+                           "documents_per_category": docs_per_cat}
         log.info("tokenize: train %d docs -> %d tokens -> %d rows of %d (%.0f tok/s)",
                  packer.docs, packer.tokens, w.rows, tc.seq_len, packer.tokens / max(time.time() - t0, 1e-9))
-        # held-out streams: one per category, never mixed
+        # held-out streams: one per category, never mixed, in file order (no shuffle needed: eval reads them all)
         for cat_id, cat in enumerate(CATEGORIES):
             p = root / "split" / "eval" / f"{cat}.parquet"
             if not p.is_file():
                 continue
             ew = ShardWriter(work / "eval" / cat, tc.seq_len, vocab, tc.rows_per_shard)
             ep = Packer(ew, eos, pad)
-            pf = pq.ParquetFile(p)
-            for batch in pf.iter_batches(batch_size=tc.batch_docs, columns=["text"]):
-                for ids in _encode(tok, batch.column("text").to_pylist()):
+
+            def eval_batches(p=p, cat=cat):
+                for row0, b in _numbered(iter_batches(p, ["doc_id", "text"], tc.batch_docs)):
+                    texts, _ = _valid_texts(b, row0, "eval", cat, p, q)
+                    if texts:
+                        yield None, texts
+
+            for _, ids_list in encoded(eval_batches()):
+                for ids in ids_list:
                     ep.add(ids, cat_id)
             ep.close()
             if ew.rows:
                 counts["eval"][cat] = {"rows": ew.rows, "documents": ep.docs, "tokens": ep.tokens}
+        q.write(work / "quarantine.parquet")
+        counts["quarantined"] = len(q.rows)
+        counts["quarantined_by_reason"] = {r: sum(1 for x in q.rows if x["reason"] == r) for r in sorted({x["reason"] for x in q.rows})}
+        if q.rows:
+            log.warning("tokenize: %d row(s) quarantined %s (see %s)", len(q.rows), counts["quarantined_by_reason"],
+                        out_dir / "quarantine.parquet")
         return stage.manifest(
             work,
             counts,
             tokenizer_fingerprint=tok_fp,
-            tokenizer=getattr(tok, "name_or_path", ""),
+            tokenizer=str(getattr(tok, "name_or_path", "") or getattr(tok, "_tokenizer_path", "")),
             seq_len=tc.seq_len,
             vocab_size=vocab,
             id_dtype=str(id_dtype(vocab)),
@@ -337,7 +619,8 @@ def check_tokenizer(manifest: dict[str, Any], tok_fp: str, where: Path) -> None:
 # ------------------------------------------------------------------------------- entry points
 @task(name="tokenize")
 def tokenize(cfg_dict: dict) -> dict:
-    return run_tokenize(config_from_dict(cfg_dict))
+    with dask_executor() as ex:  # on a Dask worker (DaskTaskRunner): fan the batches out over the cluster
+        return run_tokenize(config_from_dict(cfg_dict), executor=ex)
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -40,6 +40,29 @@ def tiny_config_dict(root: Path, model_dir: Path, **sections) -> dict:
     return base
 
 
+def prepare_tokenized(root: Path, model_dir: Path, docs: dict | None = None, **sections):
+    """Mixed training docs and held-out docs (two categories by default), tokenized by the real
+    stage; returns the config. The fake mix/split manifests stand in for the upstream stages."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from tasks.config import config_from_dict
+    from tasks.manifest import write_json_atomic
+    from tasks.tokenize import run_tokenize
+
+    cfg = config_from_dict(tiny_config_dict(root, model_dir, **sections))
+    docs = docs or {"recipes": CORPUS[:2] * 6, "code": CORPUS[4:5] * 6}
+    for d in (root / "mix" / "train", root / "split" / "eval"):
+        d.mkdir(parents=True)
+        for cat, ts in docs.items():
+            pq.write_table(pa.table({"doc_id": [f"{cat}{i}" for i in range(len(ts))], "text": ts,
+                                     "repeat": [1] * len(ts)}), d / f"{cat}.parquet")
+    write_json_atomic(root / "mix" / "manifest.json", {"fingerprint": "m"})
+    write_json_atomic(root / "split" / "manifest.json", {"fingerprint": "s"})
+    run_tokenize(cfg)
+    return cfg
+
+
 @pytest.fixture(scope="session")
 def tiny_model_dir(tmp_path_factory) -> Path:
     import torch

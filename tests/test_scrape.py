@@ -358,3 +358,264 @@ def test_rescrape_reports_new_changed_unchanged_gone_and_keeps_pages_on_transien
     assert "DNS" in log["http://no-such-host.invalid/"]["reason"]
     assert log[site.url + "/c.html"]["status"] == 404
     assert c["pages"] == 6  # index, a, b, d, e, slow
+
+
+# ------------------------------------------------------------ robots rules, per host, RFC 9309
+def test_hosts_with_different_robots_rules_never_see_a_disallowed_request(tmp_path: Path) -> None:
+    """Three loopback hosts, three robots.txt files: agent groups, longest match, ``*`` and ``$``, sitemaps."""
+    import contextlib
+
+    sites_spec = {
+        # our group beats the * group; longest match wins; $ anchors; Allow inside a disallowed folder
+        "a": ("User-agent: *\nDisallow: /\n\nUser-agent: data-to-adapter\nAllow: /\nDisallow: /*.pdf$\n"
+              "Disallow: /shop/\nAllow: /shop/public\n",
+              ["/a.html", "/doc.pdf", "/shop/x.html", "/shop/public.html"],
+              {"/doc.pdf", "/shop/x.html"}),
+        # wildcard in the middle of a rule
+        "b": ("User-agent: *\nDisallow: /*?session=\n", ["/b.html", "/b.html?session=1", "/b.html?page=2"],
+              {"/b.html?session=1"}),
+        # a group for another crawler does not apply to us; Sitemap: lines are followed
+        "c": ("User-agent: otherbot\nDisallow: /\n\nUser-agent: *\nDisallow: /private\n"
+              "Sitemap: /sm.xml\nSitemap: http://elsewhere.invalid/sm.xml\n",
+              ["/c.html", "/private/p.html"], {"/private/p.html"}),
+    }
+    with contextlib.ExitStack() as stack:
+        sites = {}
+        for i, (name, (robots, links, _)) in enumerate(sites_spec.items(), start=1):
+            files: dict[str, str | bytes] = {"robots.txt": robots, "index.html": page(name, links=links)}
+            for link in links:
+                path = link.split("?")[0].lstrip("/")
+                files[path] = page(path) if path.endswith(".html") else b"%PDF-1.4"
+            if name == "c":
+                files["sm.xml"] = ('<?xml version="1.0"?><urlset xmlns="http://www.sitemaps.org/schemas/sitemap/0.9">'
+                                   "<url><loc>/only-in-sitemap.html</loc></url></urlset>")
+                files["only-in-sitemap.html"] = page("From the sitemap")
+            sites[name] = stack.enter_context(serve_site(write_site(tmp_path / name, files), host=f"127.0.0.{i}"))
+        src = write_sources(tmp_path / "s.yaml", [
+            {"id": n, "category": "articles", "start_urls": [s.url + "/"], "include": ["/"], "permission": PERMISSION}
+            for n, s in sites.items()])
+        m = run_scrape(make_cfg(tmp_path / "data", src, allow_private_addresses=["127.0.0.0/29"]))
+    for name, (_, links, disallowed) in sites_spec.items():
+        seen = sites[name].requests.paths()
+        assert not disallowed & set(seen), (name, seen)
+        assert set(links) - disallowed <= set(seen), (name, seen)
+        assert seen.count("/robots.txt") == 1, (name, seen)  # cached per host
+    assert "/sm.xml" in sites["c"].requests.paths() and "/only-in-sitemap.html" in sites["c"].requests.paths()
+    decisions = {r["url"].split("/", 3)[3]: r["decision"] for r in fetch_log(tmp_path / "data")}
+    assert decisions["doc.pdf"] == decisions["shop/x.html"] == decisions["private/p.html"] == "refused_robots"
+    assert decisions["b.html?session=1"] == "refused_robots" and decisions["shop/public.html"] == "fetched"
+    assert m["counts"]["refused"]["refused_robots"] == 4
+
+
+def test_request_rate_is_honored(tmp_path: Path) -> None:
+    site_root = write_site(tmp_path / "site", {
+        "robots.txt": "User-agent: *\nRequest-rate: 5/1\n",  # 5 requests per second: 0.2 s apart
+        "index.html": page("Home", links=["/a.html", "/b.html", "/c.html"]),
+        "a.html": page("A"), "b.html": page("B"), "c.html": page("C"),
+    })
+    with serve_site(site_root) as site:
+        src = write_sources(tmp_path / "s.yaml", [{"id": "t", "category": "articles", "start_urls": [site.url + "/"],
+                                                   "include": ["/"], "permission": PERMISSION}])
+        m = run_scrape(make_cfg(tmp_path / "data", src))
+        times = [t for t, _ in site.requests.timed()]
+    gaps = [b - a for a, b in zip(times, times[1:])]
+    assert m["counts"]["pages"] == 4 and len(times) >= 5 and min(gaps) >= 0.2 - 0.01, gaps
+
+
+def test_crawl_delay_beyond_the_bound_skips_the_host_instead_of_crawling_faster(tmp_path: Path) -> None:
+    site_root = write_site(tmp_path / "site", {"robots.txt": "User-agent: *\nCrawl-delay: 3600\n",
+                                               "index.html": page("Home")})
+    with serve_site(site_root) as site:
+        src = write_sources(tmp_path / "s.yaml", [{"id": "t", "category": "articles", "start_urls": [site.url + "/"],
+                                                   "include": ["/"], "permission": PERMISSION}])
+        m = run_scrape(make_cfg(tmp_path / "data", src, max_crawl_delay_s=60))
+        assert page_gets(site) == []
+    (rec,) = [r for r in fetch_log(tmp_path / "data") if r["kind"] == "page"]
+    assert rec["decision"] == "refused_robots" and "3600" in rec["reason"]
+    assert m["counts"]["pages"] == 0
+
+
+def test_robots_timeout_disallows_all_and_huge_robots_is_read_to_the_limit(tmp_path: Path) -> None:
+    import time
+
+    def slow_robots(method: str, path: str, headers: dict[str, str]) -> Any:
+        if path == "/robots.txt":
+            time.sleep(0.6)  # longer than timeout_s
+        return None
+
+    huge = "User-agent: *\nDisallow: /secret\n" + "# filler line of a very long robots.txt\n" * 20_000  # ~800 KB
+    for name, hook, robots, expect in (("slow", slow_robots, "User-agent: *\nAllow: /\n", set()),
+                                       ("huge", None, huge, {"/", "/ok.html"})):
+        root = write_site(tmp_path / name, {"robots.txt": robots, "index.html": page("H", links=["/ok.html",
+                                                                                                   "/secret.html"]),
+                                            "ok.html": page("OK"), "secret.html": page("S")})
+        with serve_site(root, hook=hook) as site:
+            src = write_sources(tmp_path / f"{name}.yaml", [{"id": "t", "category": "articles",
+                                                             "start_urls": [site.url + "/"], "include": ["/"],
+                                                             "permission": PERMISSION}])
+            run_scrape(make_cfg(tmp_path / f"data-{name}", src, max_retries=0, timeout_s=0.3))
+            assert set(page_gets(site)) == expect, (name, page_gets(site))
+
+
+# ------------------------------------------------------------------ page-level opt-outs, links
+def test_nofollow_and_agent_specific_robots_directives(tmp_path: Path) -> None:
+    def hook(method: str, path: str, headers: dict[str, str]) -> Any:
+        if path == "/other-bot-noindex.html":  # a directive for another crawler does not apply to us
+            return 200, {"Content-Type": "text/html", "X-Robots-Tag": "otherbot: noindex"}, page("O").encode()
+        if path == "/xnofollow.html":
+            if headers.get("If-None-Match") == '"x1"':
+                return 304, {"ETag": '"x1"'}, b""  # a 304 repeats no X-Robots-Tag: the stored nofollow must hold
+            return (200, {"Content-Type": "text/html", "X-Robots-Tag": "data-to-adapter: nofollow", "ETag": '"x1"'},
+                    page("XN", links=["/hidden-3.html"]).encode())
+        return None
+
+    root = write_site(tmp_path / "site", {
+        "robots.txt": "User-agent: *\nAllow: /\n",
+        "index.html": page("Home", links=["/meta-nofollow.html", "/ours-noindex.html", "/other-bot-noindex.html",
+                                          "/xnofollow.html"]).replace(
+            "</ul>", '<li><a rel="nofollow" href="/hidden-2.html">x</a></li></ul>'),
+        "meta-nofollow.html": page("N", links=["/hidden-1.html"], head='<meta name="robots" content="nofollow">'),
+        "ours-noindex.html": page("U", head='<meta name="data-to-adapter" content="noindex">'),
+        **{f"hidden-{i}.html": page("H") for i in (1, 2, 3)},
+    })
+    with serve_site(root, hook=hook) as site:
+        src = write_sources(tmp_path / "s.yaml", [{"id": "t", "category": "articles", "start_urls": [site.url + "/"],
+                                                   "include": ["/"], "permission": PERMISSION}])
+        m = run_scrape(make_cfg(tmp_path / "data", src))
+        log = {r["url"].split("/", 3)[3]: r["decision"] for r in fetch_log(tmp_path / "data")}
+        again = run_scrape(make_cfg(tmp_path / "data", src))  # 304s: the stored pages' nofollow still holds
+        gets = page_gets(site)
+    again_log = {r["url"].split("/", 3)[3]: r["decision"] for r in fetch_log(tmp_path / "data")}
+    assert again_log["xnofollow.html"] == again_log["meta-nofollow.html"] == "not_modified"
+    assert not [p for p in gets if p.startswith("/hidden")], gets
+    assert log["ours-noindex.html"] == "refused_optout" and log["other-bot-noindex.html"] == "fetched"
+    assert log["meta-nofollow.html"] == log["xnofollow.html"] == "fetched"  # kept, links not followed
+    assert m["counts"]["pages"] == 4
+
+
+def test_no_cookies_or_credentials_cross_hosts_or_requests(tmp_path: Path) -> None:
+    """Cookies set by one host are never sent back, to it or to another allow-listed host."""
+    def set_cookie(method: str, path: str, headers: dict[str, str]) -> Any:
+        if path.endswith(".html") or path == "/":
+            body = (root_b / "index.html").read_bytes() if path == "/" else page(path).encode()
+            return 200, {"Content-Type": "text/html", "Set-Cookie": "sid=secret; Path=/",
+                         "WWW-Authenticate": 'Basic realm="x"'}, body
+        return None
+
+    root_b = write_site(tmp_path / "b", {"robots.txt": "", "x.html": page("X")})
+    with serve_site(root_b, host="127.0.0.2") as other:
+        (root_b / "index.html").write_text(page("B", links=["/x.html"]))
+        root_a = write_site(tmp_path / "a", {"robots.txt": "", "index.html": page(
+            "A", links=["/a2.html", other.url + "/x.html", other.url.replace("http://", "http://user:pw@") + "/"])})
+        with serve_site(root_a, hook=set_cookie) as site:
+            src = write_sources(tmp_path / "s.yaml", [
+                {"id": "a", "category": "articles", "start_urls": [site.url + "/"], "include": ["/"],
+                 "permission": PERMISSION},
+                {"id": "b", "category": "articles", "start_urls": [other.url + "/"], "include": ["/"],
+                 "permission": PERMISSION}])
+            m = run_scrape(make_cfg(tmp_path / "data", src, allow_private_addresses=["127.0.0.1", "127.0.0.2"]))
+            headers = [h for _, _, h in list(site.requests) + list(other.requests)]
+    assert len(headers) >= 6 and m["counts"]["pages"] >= 4
+    assert not [h for h in headers if {k.lower() for k in h} & {"cookie", "authorization", "proxy-authorization"}]
+
+
+# --------------------------------------------------------------------- hostile or broken servers
+def test_slow_drip_and_endless_bodies_are_cut_off_and_the_crawl_goes_on(tmp_path: Path) -> None:
+    import time
+
+    done = threading.Event()
+    sent = {"endless": 0}
+
+    def drip() -> Any:
+        yield b"<!doctype html><html><body><main><p>"
+        for _ in range(200):  # one byte every 0.1 s: each read is in time, the whole body never is
+            if done.is_set():
+                return
+            time.sleep(0.1)
+            yield b"x"
+
+    def endless() -> Any:
+        for _ in range(2000):  # 128 MB if nobody stopped reading
+            if done.is_set():
+                return
+            sent["endless"] += 1
+            yield b"<p>" + b"y" * (64 * 1024 - 3)
+
+    def hook(method: str, path: str, headers: dict[str, str]) -> Any:
+        if path == "/drip.html":
+            return 200, {"Content-Type": "text/html"}, drip()
+        if path == "/endless.html":
+            return 200, {"Content-Type": "text/html"}, endless()
+        return None
+
+    root = write_site(tmp_path / "site", {"robots.txt": "", "ok.html": page("OK"),
+                                          "index.html": page("Home", links=["/drip.html", "/endless.html",
+                                                                            "/ok.html"])})
+    with serve_site(root, hook=hook) as site:
+        src = write_sources(tmp_path / "s.yaml", [{"id": "t", "category": "articles", "start_urls": [site.url + "/"],
+                                                   "include": ["/"], "permission": PERMISSION}])
+        t0 = time.monotonic()
+        m = run_scrape(make_cfg(tmp_path / "data", src, max_retries=0, timeout_s=0.5, max_bytes=300_000))
+        wall = time.monotonic() - t0
+        done.set()
+    log = {r["url"].split("/", 3)[3]: r for r in fetch_log(tmp_path / "data")}
+    assert log["drip.html"]["decision"] == "error" and "not complete within" in log["drip.html"]["reason"]
+    assert log["endless.html"]["decision"] == "refused_size"
+    assert sent["endless"] < 200, sent  # the reader stopped; the server did not stream 128 MB
+    assert log["ok.html"]["decision"] == "fetched" and m["counts"]["pages"] == 2
+    assert wall < 6, wall
+
+
+def test_retry_after_beyond_the_bound_backs_off_the_whole_host(tmp_path: Path) -> None:
+    def hook(method: str, path: str, headers: dict[str, str]) -> Any:
+        if path == "/busy.html":
+            return 503, {"Retry-After": "3600", "Content-Type": "text/plain"}, b"back tomorrow"
+        return None
+
+    root = write_site(tmp_path / "site", {"robots.txt": "", "a.html": page("A"), "b.html": page("B"),
+                                          "index.html": page("Home", links=["/busy.html", "/a.html", "/b.html"])})
+    with serve_site(root, hook=hook) as site:
+        src = write_sources(tmp_path / "s.yaml", [{"id": "t", "category": "articles", "start_urls": [site.url + "/"],
+                                                   "include": ["/"], "permission": PERMISSION}])
+        m = run_scrape(make_cfg(tmp_path / "data", src))
+        gets = page_gets(site)
+    assert gets == ["/", "/busy.html"], gets  # asked once, then left alone
+    log = {r["url"].split("/", 3)[3]: r for r in fetch_log(tmp_path / "data")}
+    assert all(log[p]["decision"] == "error" and "backed off" in log[p]["reason"] for p in ("a.html", "b.html"))
+    assert m["counts"]["errors"] == 3
+
+
+def test_fetcher_refreshes_robots_after_ttl_and_stops_long_redirect_chains(tmp_path: Path) -> None:
+    import time
+
+    from scrapers.fetcher import Decision, FetcherSettings, HostAllowList, PoliteFetcher
+
+    def hook(method: str, path: str, headers: dict[str, str]) -> Any:
+        if path.startswith("/hop"):
+            n = int(path[4:])
+            return 302, {"Location": f"/hop{n + 1}"}, b""
+        return None
+
+    root = write_site(tmp_path / "site", {"robots.txt": "User-agent: *\nAllow: /\n", "a.html": page("A")})
+    with serve_site(root, hook=hook) as site:
+        f = PoliteFetcher(FetcherSettings(user_agent="data-to-adapter/0.1 (+mailto:x@example.org)", min_delay_s=0,
+                                          timeout_s=2, max_retries=0, allow_private_addresses=["127.0.0.1"],
+                                          robots_ttl_s=0.3), HostAllowList([site.url + "/"]))
+        assert f.fetch(site.url + "/a.html").decision == Decision.FETCHED
+        assert f.fetch(site.url + "/a.html").decision == Decision.FETCHED
+        assert site.requests.paths().count("/robots.txt") == 1  # cached
+        time.sleep(0.35)
+        f.fetch(site.url + "/a.html")
+        assert site.requests.paths().count("/robots.txt") == 2  # refreshed after the TTL
+        r = f.fetch(site.url + "/hop0")
+        assert r.decision == Decision.ERROR and "more than 5 redirects" in r.reason
+        assert [p for p in site.requests.paths() if p.startswith("/hop")] == [f"/hop{i}" for i in range(6)]
+        f.close()
+
+
+def test_user_agent_must_carry_a_contact(tmp_path: Path) -> None:
+    from pydantic import ValidationError
+
+    with pytest.raises(ValidationError, match="contact"):
+        make_cfg(tmp_path, tmp_path / "s.yaml", user_agent="python-requests/2.32")
+    assert make_cfg(tmp_path, tmp_path / "s.yaml", user_agent="bot/1 (+https://example.org/bot)")

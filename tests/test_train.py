@@ -3,32 +3,14 @@
 import json
 import shutil
 
-import pyarrow as pa
-import pyarrow.parquet as pq
 import pytest
 import torch
 from safetensors.torch import load_file
 
-from conftest import CORPUS, tiny_config_dict
-from tasks.config import QuantizationConfig, config_from_dict
-from tasks.manifest import write_json_atomic
+from conftest import prepare_tokenized as _prepare
+from tasks.config import QuantizationConfig
 
 
-def _prepare(root, model_dir, **sections):
-    """Mixed training docs and held-out docs for two categories, tokenized by the real stage."""
-    from tasks.tokenize import run_tokenize
-
-    cfg = config_from_dict(tiny_config_dict(root, model_dir, **sections))
-    docs = {"recipes": CORPUS[:2] * 6, "code": CORPUS[4:5] * 6}
-    for d in (root / "mix" / "train", root / "split" / "eval"):
-        d.mkdir(parents=True)
-        for cat, ts in docs.items():
-            pq.write_table(pa.table({"doc_id": [f"{cat}{i}" for i in range(len(ts))], "text": ts,
-                                     "repeat": [1] * len(ts)}), d / f"{cat}.parquet")
-    write_json_atomic(root / "mix" / "manifest.json", {"fingerprint": "m"})
-    write_json_atomic(root / "split" / "manifest.json", {"fingerprint": "s"})
-    run_tokenize(cfg)
-    return cfg
 
 
 @pytest.fixture(scope="module")

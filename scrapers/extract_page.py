@@ -1,0 +1,106 @@
+"""One raw row -> one extracted document or one reject: the per-row half of the extract stage.
+
+Kept free of Prefect (and of anything slow to import): extract's spawned worker processes unpickle
+their work function from here, so they do not pay Prefect's import on top of the parsers'.
+The stage itself (reading raw/, writing extracted/, the manifest) is ``tasks/extract.py``.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections.abc import Callable
+from typing import Any
+
+from scrapers import additives, articles, code, products, recipes
+from scrapers.common import ParseReject, Page, Parsed, decode_body, doc_id, looks_binary, make_page, to_json
+from scrapers.dataset_import import RECORD_TYPE
+
+log = logging.getLogger("tasks.extract")
+
+PARSERS: dict[str, Callable[[Page], Parsed]] = {
+    "recipes": recipes.parse,
+    "product_compositions": products.parse_composition,
+    "articles": articles.parse,
+    "code": code.parse,
+    "product_descriptions": products.parse_description,
+    "chemical_additives": additives.parse,
+}
+TEXT_TYPES = ("text/html", "application/xhtml+xml", "text/plain")
+
+
+def extract_page(row: dict[str, Any], min_text_chars: int) -> tuple[dict[str, Any] | None, dict[str, Any] | None]:
+    """One raw row -> (document, None) or (None, reject). Never raises for bad input."""
+    url, category = row["url"], row["category"]
+    body: bytes = row["body"] or b""
+
+    def reject(reason: str, detail: str) -> tuple[None, dict[str, Any]]:
+        return None, {"url": url, "category": category, "reason": reason, "detail": detail,
+                      "source_id": row.get("source_id"), "sha256": row.get("sha256")}
+
+    ctype = (row.get("content_type") or "").split(";")[0].strip().lower()
+    if not body.strip():
+        return reject("empty", "empty body")
+    if ctype == RECORD_TYPE:
+        return _extract_record(row, body, min_text_chars, reject)
+    if ctype and ctype not in TEXT_TYPES:
+        return reject("binary", f"content type {ctype}")
+    if looks_binary(body):
+        return reject("binary", "body has NUL/control bytes")
+    try:
+        html, encoding = decode_body(body, row.get("content_type"))
+    except (LookupError, UnicodeError) as e:
+        return reject("decode_error", str(e))
+    parser = PARSERS.get(category)
+    if parser is None:
+        return reject("unknown_category", category)
+    try:
+        if ctype == "text/plain":
+            parsed = articles.parse_plain(url, html)
+        else:
+            parsed = parser(make_page(row.get("final_url") or url, html, row.get("license")))
+    except ParseReject as e:
+        return reject(e.reason, e.detail)
+    except Exception as e:  # noqa: BLE001 - a parser bug on one page is a counted reject, not a crash
+        log.warning("%s: unparseable (%s: %s)", url, type(e).__name__, e)
+        return reject("unparseable", f"{type(e).__name__}: {e}")
+    text = parsed.text.strip()
+    if not text:
+        return reject("empty", "no text extracted")
+    if len(text) < min_text_chars:
+        return reject("too_short", f"{len(text)} chars < min_text_chars {min_text_chars}")
+    fields = {**parsed.fields, "encoding": encoding}
+    return {
+        "doc_id": doc_id(row["source_id"], url), "url": url, "final_url": row.get("final_url") or url,
+        "fetched_at": row.get("fetched_at"), "sha256": row.get("sha256"), "source_id": row["source_id"],
+        "category": category, "license": row.get("license"), "title": parsed.title, "text": text,
+        "fields": to_json(fields),
+    }, None
+
+
+def _extract_record(row: dict[str, Any], body: bytes, min_text_chars: int,
+                    reject: Callable[[str, str], tuple[None, dict[str, Any]]]
+                    ) -> tuple[dict[str, Any] | None, dict[str, Any] | None]:
+    """An imported dataset record: the text is taken as is (no HTML parsing), fields from the field map."""
+    try:
+        rec = json.loads(body.decode("utf-8"))
+        text, title, fields = str(rec["text"]).strip(), str(rec.get("title") or ""), dict(rec.get("fields") or {})
+    except (UnicodeDecodeError, json.JSONDecodeError, KeyError, TypeError, ValueError) as e:
+        return reject("unparseable", f"dataset record: {type(e).__name__}: {e}")
+    if not text:
+        return reject("empty", "no text in the dataset record")
+    if len(text) < min_text_chars:
+        return reject("too_short", f"{len(text)} chars < min_text_chars {min_text_chars}")
+    fields = {**fields, "source_format": "dataset", "dataset_format": rec.get("format"),
+              "dataset_file": rec.get("file"), "dataset_position": rec.get("position")}
+    url = row["url"]
+    return {
+        "doc_id": doc_id(row["source_id"], url), "url": url, "final_url": row.get("final_url") or url,
+        "fetched_at": row.get("fetched_at"), "sha256": row.get("sha256"), "source_id": row["source_id"],
+        "category": row["category"], "license": row.get("license"), "title": title, "text": text,
+        "fields": to_json(fields),
+    }, None
+
+
+def extract_batch(rows: list[dict[str, Any]], min_text_chars: int) -> list[tuple[Any, Any]]:
+    return [extract_page(r, min_text_chars) for r in rows]

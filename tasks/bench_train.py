@@ -1,0 +1,302 @@
+"""Training throughput benchmark: the seed notebook's path vs this project's path, side by side.
+
+    # once, on any machine: Tekken-tokenized demo text packed by this project's own packer
+    python -m tasks.bench_train prepare-data --out .benchdata/tekken-2048 --seq-len 2048
+    # on an H200: the exact Mistral-Small-24B-Instruct architecture, random weights
+    python -m tasks.bench_train run --arch mistral-small-24b --data .benchdata/tekken-2048
+    # on a CPU, the demo model (anyone can run this)
+    python -m tasks.bench_train run --arch smollm2-135m --batch 2 --seq-len 512
+
+Both paths load the same checkpoint through the real ``from_pretrained`` + ``BitsAndBytesConfig``
+path (NF4, double quant, bf16 compute), train LoRA r32/a64/d0.05 on q,k,v with PagedAdamW8bit on
+the same batches, and report tokens/s, MFU, peak memory and the loss of their first batch.
+
+- seed: ``prepare_model_for_kbit_training`` (fp32 up-casting, reentrant full recompute) + PEFT, as
+  in the seed's notebook; plain causal batches (attention crosses document boundaries).
+- project: what ``tasks/train.py`` runs: bf16 everywhere, non-reentrant gradient checkpointing,
+  packed rows with per-document position ids (attention stays inside documents).
+
+FLOP convention (MFU): a frozen base does no weight-gradient work, so a token costs about
+2N (forward) + 2N (input gradients) = 4N FLOPs plus attention (3 x 2 x seq x heads x head_dim per
+layer, causal), where N counts the base's linear-layer parameters. Recomputation is not counted:
+MFU here is useful work over the peak (989 TFLOP/s dense bf16 datasheet; 790 measured on an H200).
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import os
+import time
+from pathlib import Path
+
+ARCHS = {
+    # mistralai/Mistral-Small-24B-Instruct-2501
+    "mistral-small-24b": dict(model_type="mistral", hidden_size=5120, intermediate_size=32768, num_hidden_layers=40,
+                              num_attention_heads=32, num_key_value_heads=8, head_dim=128, vocab_size=131072,
+                              tie_word_embeddings=False, rope_theta=1e8, max_position_embeddings=32768,
+                              rms_norm_eps=1e-5, sliding_window=None),
+    # the demo model's shape (HuggingFaceTB/SmolLM2-135M-Instruct)
+    "smollm2-135m": dict(model_type="llama", hidden_size=576, intermediate_size=1536, num_hidden_layers=30,
+                         num_attention_heads=9, num_key_value_heads=3, head_dim=64, vocab_size=49152,
+                         tie_word_embeddings=True, rope_theta=1e5, max_position_embeddings=8192, rms_norm_eps=1e-5),
+}
+PEAK_BF16 = 989e12  # H100/H200 SXM dense bf16, datasheet
+MEASURED_BF16 = 790e12  # 8192^3 bf16 matmul on random data, measured on an H200 of this workplace
+
+
+def make_config(arch: str, layers: int | None):
+    from transformers import AutoConfig
+
+    spec = dict(ARCHS[arch])
+    if layers:
+        spec["num_hidden_layers"] = layers
+    return AutoConfig.for_model(**spec)
+
+
+def write_random_checkpoint(cfg, out: Path, shard_bytes: int = 5 << 30, seed: int = 0) -> None:
+    """Random bf16 weights, written tensor by tensor as sharded safetensors (never the whole model in
+    memory): std 0.02 for matrices, ones for norms."""
+    import torch
+    from safetensors.torch import save_file
+    from transformers import AutoModelForCausalLM
+
+    if (out / "model.safetensors.index.json").is_file():
+        return
+    out.mkdir(parents=True, exist_ok=True)
+    with torch.device("meta"):
+        meta = AutoModelForCausalLM.from_config(cfg)
+    dev = "cuda" if torch.cuda.is_available() else "cpu"
+    gen = torch.Generator(device=dev).manual_seed(seed)
+    shard, size, weight_map, n = {}, 0, {}, 0
+    names = list(meta.state_dict().items())
+
+    def flush():
+        nonlocal shard, size, n
+        if shard:
+            name = f"model-{n:05d}.safetensors"
+            save_file(shard, str(out / name), metadata={"format": "pt"})
+            weight_map.update(dict.fromkeys(shard, name))
+            shard, size, n = {}, 0, n + 1
+
+    for key, t in names:
+        if key.endswith("norm.weight"):
+            val = torch.ones(t.shape, dtype=torch.bfloat16)
+        else:
+            val = (torch.randn(t.shape, generator=gen, device=dev, dtype=torch.float32) * 0.02).to(torch.bfloat16).cpu()
+        shard[key] = val
+        size += val.numel() * 2
+        if size >= shard_bytes:
+            flush()
+    flush()
+    (out / "model.safetensors.index.json").write_text(json.dumps({"metadata": {}, "weight_map": weight_map}))
+    cfg.save_pretrained(out)
+
+
+def prepare_data(out: Path, seq_len: int, texts_dir: Path) -> None:
+    """Tekken-tokenize the demo corpus (extracted texts, or the raw demo site) and pack it with
+    this project's packer into Arrow shards."""
+    import mistral_common
+    import pyarrow.parquet as pq
+    from transformers import MistralCommonBackend
+
+    from tasks.tokenize import Packer, ShardWriter
+
+    tok = MistralCommonBackend(tokenizer_path=Path(mistral_common.__file__).parent / "data" / "tekken_240911.json")
+    texts = []
+    for f in sorted(texts_dir.glob("*.parquet")):
+        if f.stem != "rejects":
+            texts += pq.read_table(f, columns=["text"]).column("text").to_pylist()
+    if not texts:
+        raise FileNotFoundError(f"no extracted texts in {texts_dir}; run `d2a stage extract --config configs/demo.yaml` first")
+    w = ShardWriter(out / "train", seq_len, len(tok), rows_per_shard=1024)
+    p = Packer(w, eos_id=tok.eos_token_id, pad_id=tok.eos_token_id)
+    for t in texts:
+        p.add(tok.encode(t, add_special_tokens=False), 0)
+    p.close()
+    (out / "info.json").write_text(json.dumps({"tokenizer": "tekken_240911", "vocab": len(tok), "seq_len": seq_len,
+                                               "rows": w.rows, "tokens": p.tokens, "documents": p.docs}))
+    print(f"packed {p.docs} documents, {p.tokens} Tekken tokens into {w.rows} rows of {seq_len}")
+
+
+def linear_params(cfg) -> int:
+    h, i, L, v = cfg.hidden_size, cfg.intermediate_size, cfg.num_hidden_layers, cfg.vocab_size
+    hd = getattr(cfg, "head_dim", None) or h // cfg.num_attention_heads
+    q, kv = cfg.num_attention_heads * hd, cfg.num_key_value_heads * hd
+    per_layer = h * q + 2 * h * kv + q * h + 3 * h * i
+    return L * per_layer + h * v  # the LM head is a matmul on every token; embeddings are a lookup
+
+
+def flops_per_token(cfg, seq_len: int) -> float:
+    hd = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
+    attn = 3 * 2 * seq_len * cfg.num_attention_heads * hd * cfg.num_hidden_layers
+    return 4 * linear_params(cfg) + attn
+
+
+def batches(data: Path | None, cfg, batch: int, seq_len: int, n: int, seed: int = 0):
+    """n batches as dicts of tensors (input_ids, labels, position_ids), the same for every path."""
+    import numpy as np
+    import torch
+
+    from tasks.tokenize import PackedShards, collate
+
+    if data is not None:
+        shards = PackedShards(data / "train")
+        if shards.seq_len != seq_len:
+            raise ValueError(f"{data} holds rows of {shards.seq_len} tokens, asked for {seq_len}")
+        order = np.random.default_rng(seed).permutation(len(shards))
+        out = []
+        for k in range(n):
+            idx = [int(order[(k * batch + j) % len(order)]) for j in range(batch)]
+            out.append(collate(shards.rows(idx)))
+        return out
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(0, cfg.vocab_size, (n, batch, seq_len), generator=g)
+    return [{"input_ids": x, "labels": x.clone(), "position_ids": torch.arange(seq_len).expand(batch, -1).clone()} for x in ids]
+
+
+def run_path(name: str, model, data, steps: int, warmup: int, lr: float, device) -> dict:
+    import bitsandbytes as bnb
+    import torch
+
+    params = [p for p in model.parameters() if p.requires_grad]
+    opt = bnb.optim.PagedAdamW8bit(params, lr=lr)
+    model.train()
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+    losses, times = [], []
+    for s in range(warmup + steps):
+        b = data[s % len(data)]
+        if name.startswith("seed"):  # the notebook's collator: plain causal LM batches, no document boundaries
+            b = {"input_ids": b["input_ids"], "labels": b["input_ids"]}
+        b = {k: v.to(device) for k, v in b.items()}
+        t0 = time.perf_counter()
+        loss = model(**b, use_cache=False).loss
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        dt = time.perf_counter() - t0
+        losses.append(float(loss.detach()))
+        if s >= warmup:
+            times.append(dt)
+        print(f"  {name} step {s}: loss {losses[-1]:.4f}  {dt:.2f}s", flush=True)
+    tokens = data[0]["input_ids"].numel()
+    times.sort()
+    med = times[len(times) // 2]
+    peak = torch.cuda.max_memory_allocated() / 2**30 if device.type == "cuda" else float("nan")
+    del opt
+    return {"path": name, "tokens_per_s": tokens / med, "step_s_median": med, "peak_gib": peak,
+            "first_loss": losses[0], "losses": losses}
+
+
+def lora_cfg():
+    from peft import LoraConfig
+
+    return LoraConfig(r=32, lora_alpha=64, lora_dropout=0.05, target_modules=["q_proj", "k_proj", "v_proj"],
+                      bias="all", task_type="CAUSAL_LM")
+
+
+def run(args) -> None:
+    import torch
+    from peft import get_peft_model, prepare_model_for_kbit_training
+    from transformers import AutoModelForCausalLM, BitsAndBytesConfig
+
+    from tasks.model import disable_cpu_inference_repack, quiet_libraries
+
+    quiet_libraries()
+    cuda = torch.cuda.is_available()
+    device = torch.device("cuda" if cuda else "cpu")
+    cfg = make_config(args.arch, args.layers)
+    ckpt = Path(args.ckpt_dir) / f"{args.arch}-{cfg.num_hidden_layers}l"
+    t0 = time.time()
+    write_random_checkpoint(cfg, ckpt)
+    print(f"checkpoint ready in {time.time() - t0:.0f}s: {ckpt}", flush=True)
+    if args.liger:
+        # fused RoPE, RMSNorm, SwiGLU and linear+cross-entropy (no 131k-vocab logits in memory)
+        from liger_kernel.transformers import apply_liger_kernel_to_llama, apply_liger_kernel_to_mistral
+
+        apply = apply_liger_kernel_to_mistral if cfg.model_type == "mistral" else apply_liger_kernel_to_llama
+        apply(rope=True, rms_norm=True, swiglu=True, cross_entropy=False, fused_linear_cross_entropy=True)
+    q = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+                           bnb_4bit_compute_dtype=torch.bfloat16)
+    t0 = time.time()
+    model = AutoModelForCausalLM.from_pretrained(str(ckpt), quantization_config=q, dtype=torch.bfloat16,
+                                                 device_map={"": 0} if cuda else None,
+                                                 attn_implementation=args.attn)
+    disable_cpu_inference_repack(model)
+    print(f"loaded NF4 in {time.time() - t0:.0f}s; GPU memory {torch.cuda.memory_allocated() / 2**30:.1f} GiB" if cuda
+          else f"loaded NF4 in {time.time() - t0:.0f}s", flush=True)
+    data = batches(Path(args.data) if args.data else None, cfg, args.batch, args.seq_len, args.steps + args.warmup)
+    fpt = flops_per_token(cfg, args.seq_len)
+    results = []
+    paths = args.paths.split(",")
+    # the project path first: the seed's prepare_model_for_kbit_training up-casts the base in place
+    if "project" in paths:
+        model.config.use_cache = False
+        if not args.no_recompute:
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+            model.enable_input_require_grads()
+        torch.manual_seed(0)
+        pm = get_peft_model(model, lora_cfg())
+        label = "project" + ("+liger" if args.liger else "") + ("-norecompute" if args.no_recompute else "")
+        results.append(run_path(label, pm, data, args.steps, args.warmup, 2e-4, device))
+        model = pm.unload()
+        del pm
+        gc.collect()
+        torch.cuda.empty_cache() if cuda else None
+    if "seed" in paths:
+        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=True)
+        torch.manual_seed(0)
+        pm = get_peft_model(model, lora_cfg())
+        results.append(run_path("seed", pm, data, args.steps, args.warmup, 2e-4, device))
+    print()
+    print(f"arch {args.arch} ({cfg.num_hidden_layers} layers), batch {args.batch} x {args.seq_len}, "
+          f"{'GPU ' + torch.cuda.get_device_name(0) if cuda else 'CPU'}, {fpt / 1e9:.1f} GFLOP/token (4N + attention)")
+    print(f"{'path':<28}{'tokens/s':>10}{'MFU(989)':>10}{'MFU(790)':>10}{'peak GiB':>10}{'loss@0':>9}")
+    for r in results:
+        r["mfu_peak"] = r["tokens_per_s"] * fpt / PEAK_BF16
+        r["mfu_measured"] = r["tokens_per_s"] * fpt / MEASURED_BF16
+        print(f"{r['path']:<28}{r['tokens_per_s']:>10,.0f}{r['mfu_peak']:>10.1%}{r['mfu_measured']:>10.1%}"
+              f"{r['peak_gib']:>10.1f}{r['first_loss']:>9.4f}")
+    if args.out:
+        Path(args.out).write_text(json.dumps({"arch": args.arch, "layers": cfg.num_hidden_layers, "batch": args.batch,
+                                              "seq_len": args.seq_len, "flops_per_token": fpt, "results": results,
+                                              "device": torch.cuda.get_device_name(0) if cuda else "cpu",
+                                              "versions": {"torch": torch.__version__}}, indent=2))
+
+
+def main(argv: list[str] | None = None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = ap.add_subparsers(dest="cmd", required=True)
+    p = sub.add_parser("prepare-data", help="Tekken-tokenize and pack the demo corpus")
+    p.add_argument("--out", default=".benchdata/tekken-2048")
+    p.add_argument("--seq-len", type=int, default=2048)
+    p.add_argument("--texts", default="data/demo/extracted")
+    r = sub.add_parser("run", help="time the seed path and the project path")
+    r.add_argument("--arch", choices=sorted(ARCHS), default="mistral-small-24b")
+    r.add_argument("--layers", type=int, help="fewer decoder layers (quick looks; report full depth)")
+    r.add_argument("--batch", type=int, default=8)
+    r.add_argument("--seq-len", type=int, default=2048)
+    r.add_argument("--steps", type=int, default=4)
+    r.add_argument("--warmup", type=int, default=1)
+    r.add_argument("--paths", default="project,seed")
+    r.add_argument("--data", help="packed shards from prepare-data (default: random tokens)")
+    r.add_argument("--ckpt-dir", default=os.environ.get("BENCH_CKPT_DIR", "/tmp/d2a-bench"))
+    r.add_argument("--attn", default="sdpa")
+    r.add_argument("--liger", action="store_true", help="liger-kernel: fused RoPE/RMSNorm/SwiGLU/linear-CE")
+    r.add_argument("--no-recompute", action="store_true", help="project path without gradient checkpointing")
+    r.add_argument("--out", help="write the figures as JSON here")
+    a = ap.parse_args(argv)
+    if a.cmd == "prepare-data":
+        prepare_data(Path(a.out), a.seq_len, Path(a.texts))
+    else:
+        run(a)
+
+
+if __name__ == "__main__":
+    main()
