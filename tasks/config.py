@@ -323,6 +323,9 @@ class TrainConfig(Section):
     )
     accelerate_config: str | None = Field(default=None, description="configs/accelerate/*.yaml")
     num_threads: int | None = Field(default=None, ge=1, description="torch CPU threads (None = torch default).")
+    init_adapter: str | None = Field(
+        default=None, description="Start LoRA from this adapter directory (e.g. the promoted one) instead of "
+        "zeros; used by rescrape-and-retrain with schedule.continue_from_previous.")
     liger_kernel: bool = Field(
         default=False, description="Fused RoPE/RMSNorm/SwiGLU/linear-cross-entropy kernels (liger-kernel, CUDA only): "
         "+13 % tokens/s and -18 GiB on Mistral-Small-24B (tasks/BENCH_NOTES.md).")

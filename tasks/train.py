@@ -586,6 +586,9 @@ def _watch_supervisor(stop: dict[str, bool]) -> None:
 
 # ---------------------------------------------------------------------------------- the loop
 def train_worker(run_dir: Path) -> int:
+    from tasks.model import quiet_libraries
+
+    quiet_libraries()  # before bitsandbytes is imported: it logs a notice about optional hub kernels
     import numpy as np
     import torch
     from accelerate import Accelerator
@@ -660,6 +663,14 @@ def train_worker(run_dir: Path) -> int:
         if st.get("tokenizer_fingerprint", tok_fp) != tok_fp:
             raise ValueError(f"{ck} was trained with tokenizer {st['tokenizer_fingerprint'][:16]}, this is {tok_fp[:16]}")
         set_peft_model_state_dict(model, load_file(ck / "adapter" / "adapter_model.safetensors"))
+    elif tc.init_adapter:  # continue from an earlier adapter (e.g. the promoted one) instead of LoRA's zero init
+        init = resolve_path(tc.init_adapter) / "adapter_model.safetensors"
+        if not init.is_file():
+            raise FileNotFoundError(f"train.init_adapter: {init} not found")
+        result = set_peft_model_state_dict(model, load_file(init))
+        if getattr(result, "unexpected_keys", None):
+            raise ValueError(f"train.init_adapter: {init} does not fit this model/LoRA config "
+                             f"(unexpected keys like {result.unexpected_keys[:3]})")
     # a rollback relaunch: the same checkpoint, but the data moves on past the batches that diverged
     rollback = json.loads((run_dir / ROLLBACK_FILE).read_text()) if (run_dir / ROLLBACK_FILE).is_file() else None
     if rollback and (ck is None or rollback["checkpoint"] != ck.name):

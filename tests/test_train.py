@@ -96,3 +96,19 @@ def test_resume_from_checkpoint_matches_uninterrupted(tmp_path, tiny_model_dir):
         assert torch.equal(full[k], resumed[k]), k
     again = [r["loss"] for r in map(json.loads, (run / "metrics.jsonl").read_text().splitlines()) if "loss" in r]
     assert again == losses[2:]
+
+
+def test_init_adapter_continues_from_an_earlier_adapter(trained, tmp_path, tiny_model_dir):
+    """train.init_adapter starts LoRA from a given adapter instead of zeros: with a learning rate too
+    small to move anything, the new adapter equals the one it started from."""
+    from tasks.train import run_train
+
+    _, m = trained
+    cfg = _prepare(tmp_path, tiny_model_dir, train={"max_steps": 1, "lr": 1e-12, "warmup_steps": 0,
+                                                    "init_adapter": m["adapter"], "eval_every": 100})
+    m2 = run_train(cfg)
+    before = load_file(f"{m['adapter']}/adapter_model.safetensors")
+    after = load_file(f"{m2['adapter']}/adapter_model.safetensors")
+    assert before.keys() == after.keys()
+    for k in before:
+        torch.testing.assert_close(after[k], before[k], rtol=0, atol=1e-6)
