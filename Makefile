@@ -13,7 +13,7 @@ export PREFECT_SERVER_ANALYTICS_ENABLED ?= false
 export DO_NOT_TRACK ?= 1
 export TOKENIZERS_PARALLELISM ?= false
 
-.PHONY: demo test test-all server bench clean-data venv
+.PHONY: demo test test-all server bench bench-prepare bench-scrape clean-data venv
 
 venv: $(VENV)/.installed
 
@@ -41,3 +41,16 @@ server: venv
 
 clean-data:
 	rm -rf data/demo data/prefect
+
+# Training throughput, seed notebook path vs this project's path. The default runs the demo model on
+# the CPU; on an H200: make bench BENCH_ARGS="--arch mistral-small-24b --data .benchdata/tekken-2048"
+# (after: .venv/bin/python -m tasks.bench_train prepare-data).
+BENCH_ARGS ?= --arch smollm2-135m --batch 2 --seq-len 512 --steps 3
+bench: venv
+	$(PY) -m tasks.bench_train run $(BENCH_ARGS)
+
+bench-prepare: venv
+	$(PY) -m tasks.bench_prepare
+
+bench-scrape: venv
+	$(PY) -m scrapers.bench --hosts 8 --pages-per-host 150
