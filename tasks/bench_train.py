@@ -261,8 +261,8 @@ def run(args) -> None:
     for r in results:
         r["mfu_peak"] = r["tokens_per_s"] * fpt / PEAK_BF16
         r["mfu_measured"] = r["tokens_per_s"] * fpt / MEASURED_BF16
-        print(f"{r['path']:<28}{r['tokens_per_s']:>10,.0f}{r['mfu_peak']:>10.1%}{r['mfu_measured']:>10.1%}"
-              f"{r['peak_gib']:>10.1f}{r['first_loss']:>9.4f}")
+        mfu = f"{r['mfu_peak']:>10.1%}{r['mfu_measured']:>10.1%}" if cuda else f"{'-':>10}{'-':>10}"  # GPU peaks
+        print(f"{r['path']:<28}{r['tokens_per_s']:>10,.0f}{mfu}{r['peak_gib']:>10.1f}{r['first_loss']:>9.4f}")
     if args.out:
         Path(args.out).write_text(json.dumps({"arch": args.arch, "layers": cfg.num_hidden_layers, "batch": args.batch,
                                               "seq_len": args.seq_len, "flops_per_token": fpt, "results": results,
