@@ -162,7 +162,8 @@ def check_quantization(recorded: dict[str, Any], requested: QuantizationConfig, 
         detail = ", ".join(f"{k}: trained with {a!r}, asked for {b!r}" for k, (a, b) in diff.items())
         raise ValueError(
             f"quantization mismatch ({detail}). The adapter was trained on a base loaded with these settings; "
-            "load it the same way, or pass allow_quantization_mismatch=True to override knowingly."
+            "load it the same way, or override knowingly with --allow-quantization-mismatch "
+            "(allow_quantization_mismatch=True in Python)."
         )
 
 
