@@ -40,6 +40,14 @@ def tiny_config_dict(root: Path, model_dir: Path, **sections) -> dict:
     return base
 
 
+def read_metrics(run_dir) -> list[dict]:
+    """The records of a run's metrics.jsonl (empty if it has none yet)."""
+    import json
+
+    p = Path(run_dir) / "metrics.jsonl"
+    return [json.loads(line) for line in p.read_text().splitlines() if line.strip()] if p.is_file() else []
+
+
 def prepare_tokenized(root: Path, model_dir: Path, docs: dict | None = None, **sections):
     """Mixed training docs and held-out docs (two categories by default), tokenized by the real
     stage; returns the config. The fake mix/split manifests stand in for the upstream stages."""

@@ -5,7 +5,6 @@ everywhere else (bitsandbytes 4-bit works under gloo DDP on CPU)."""
 
 from __future__ import annotations
 
-import json
 import socket
 import threading
 from pathlib import Path
@@ -14,6 +13,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from conftest import read_metrics
 from tasks.config import config_from_dict
 
 TRAIN = {"max_steps": 4, "grad_accum": 2, "save_every": 2, "eval_every": 100, "warmup_steps": 1, "keep_checkpoints": 5}
@@ -36,8 +36,7 @@ def _cfg(root, model_dir, name, **train):
 
 
 def _losses(m) -> dict[int, float]:
-    recs = [json.loads(x) for x in (Path(m["run_dir"]) / "metrics.jsonl").read_text().splitlines()]
-    return {r["step"]: r["loss"] for r in recs if "loss" in r}
+    return {r["step"]: r["loss"] for r in read_metrics(m["run_dir"]) if "loss" in r}
 
 
 def _close(a: dict, b: dict) -> None:
@@ -119,7 +118,7 @@ def test_nan_on_one_rank_skips_the_step_on_both(data_root, tiny_model_dir, monke
     monkeypatch.setenv("D2A_INJECT_RANK", "1")
     m = run_train(_cfg(data_root, tiny_model_dir, "ddp-nan", micro_batch_size=2, num_processes=2, launcher="torchrun"))
     assert m["counts"]["skipped_steps"] == 1 and m["counts"]["steps"] == 4
-    recs = [json.loads(x) for x in (Path(m["run_dir"]) / "metrics.jsonl").read_text().splitlines()]
+    recs = read_metrics(m["run_dir"])
     (skip,) = [r for r in recs if r.get("event") == "skipped_step"]
     assert skip["step"] == 2 and [len(ids) for ids in skip["sample_ids"]] == [4, 4]  # rank 0, rank 1
     assert not set(skip["sample_ids"][0]) & set(skip["sample_ids"][1])  # ranks read disjoint rows

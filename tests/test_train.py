@@ -7,7 +7,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from conftest import prepare_tokenized as _prepare
+from conftest import prepare_tokenized as _prepare, read_metrics
 from tasks.config import QuantizationConfig
 
 
@@ -29,7 +29,7 @@ def test_adapter_learns(trained):
     w = load_file(run / "adapter" / "adapter_model.safetensors")
     lora_b = [v for k, v in w.items() if "lora_B" in k]
     assert lora_b and all(v.abs().sum() > 0 for v in lora_b)  # LoRA B starts at zero: it moved
-    recs = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    recs = read_metrics(run)
     losses = [r["loss"] for r in recs if "loss" in r]
     assert len(losses) == m["counts"]["steps"] >= 4
     assert losses[-1] < losses[0]
@@ -79,7 +79,7 @@ def test_resume_from_checkpoint_matches_uninterrupted(tmp_path, tiny_model_dir):
     m = run_train(cfg)
     run = tmp_path / "runs" / m["run_dir"].split("/")[-1]
     full = load_file(run / "adapter" / "adapter_model.safetensors")
-    losses = [r["loss"] for r in map(json.loads, (run / "metrics.jsonl").read_text().splitlines()) if "loss" in r]
+    losses = [r["loss"] for r in read_metrics(run) if "loss" in r]
     # simulate a crash after step 2's checkpoint: later state gone, and a torn checkpoint left behind
     shutil.rmtree(run / "checkpoints" / "step-4")
     shutil.rmtree(run / "adapter")
@@ -94,7 +94,7 @@ def test_resume_from_checkpoint_matches_uninterrupted(tmp_path, tiny_model_dir):
     assert m2["counts"]["steps"] == 4
     for k in full:
         assert torch.equal(full[k], resumed[k]), k
-    again = [r["loss"] for r in map(json.loads, (run / "metrics.jsonl").read_text().splitlines()) if "loss" in r]
+    again = [r["loss"] for r in read_metrics(run) if "loss" in r]
     assert again == losses[2:]
 
 

@@ -17,7 +17,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from conftest import REPO
+from conftest import REPO, read_metrics
 from tasks.config import config_from_dict
 
 TRAIN = {"max_steps": 8, "save_every": 2, "eval_every": 4, "keep_checkpoints": 10, "warmup_steps": 2}
@@ -39,9 +39,7 @@ def _cfg(root, model_dir, name, **train):
     return config_from_dict(tiny_config_dict(root, model_dir, run_name=name, train={**TRAIN, **train}))
 
 
-def _records(run_dir: Path) -> list[dict]:
-    p = run_dir / "metrics.jsonl"
-    return [json.loads(line) for line in p.read_text().splitlines() if line.strip()] if p.is_file() else []
+_records = read_metrics
 
 
 def _losses(run_dir: Path) -> list[tuple[int, float]]:
