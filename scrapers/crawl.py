@@ -36,6 +36,7 @@ from scrapers.common import decode_body, normalize_url, origin, path_query
 from scrapers.fetcher import (SITEMAP_TYPES, Decision, FetcherSettings, FetchLog, HostAllowList,
                               PoliteFetcher, _links, _robots_directives)
 from tasks.config import ScrapeConfig, SourceConfig
+from tasks.manifest import sha256_bytes
 
 log = logging.getLogger("scrapers.crawl")
 
@@ -431,7 +432,7 @@ class Crawler:
                                    status=res.status)
         links: list[str] = []
         if res.decision == Decision.FETCHED and res.body is not None:
-            sha = hashlib_sha256(res.body)
+            sha = sha256_bytes(res.body)
             self.state.blobs.put(sha, res.body)
             change = "new" if not row["sha256"] else ("unchanged" if row["sha256"] == sha else "changed")
             upd.update(final_url=res.final_url or url, content_type=res.content_type, etag=res.etag,
@@ -457,10 +458,6 @@ class Crawler:
         self.state.update(url, **upd)
         with self._counts_lock:
             self._pages_done += 1
-
-
-def hashlib_sha256(body: bytes) -> str:
-    return hashlib.sha256(body).hexdigest()
 
 
 def stored_links(body: bytes, content_type: str | None, base: str, agent: str = "") -> list[str]:

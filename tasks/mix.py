@@ -190,13 +190,6 @@ def format_table(report: dict[str, CategoryMix], totals: dict[str, Any]) -> str:
 
 
 # ------------------------------------------------------------------------------- the stage
-def count_tokens(tok, texts: list[str]) -> list[int]:
-    """Tokens per text as the packer will emit them: ids without special tokens, plus one EOS."""
-    from tasks.tokenize import Encoder
-
-    return [len(ids) + 1 for ids in Encoder(tok=tok)(texts)]
-
-
 def count_job(job) -> list[int]:
     """Worker entry point: tokens (+ EOS) per text of one batch."""
     from tasks.tokenize import encode_job

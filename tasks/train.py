@@ -307,6 +307,10 @@ def _stop_group(proc: subprocess.Popen, grace_s: float) -> None:
             os.killpg(pgid, signal.SIGKILL)
     with contextlib.suppress(subprocess.TimeoutExpired):
         proc.wait(timeout=10)
+    # SIGKILL is delivered asynchronously: return only once no member of the group is still running
+    deadline = time.monotonic() + 10
+    while _group_members(pgid) and time.monotonic() < deadline:
+        time.sleep(0.05)
 
 
 def _retry_when_interrupted(task_, task_run, state) -> bool:
