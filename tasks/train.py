@@ -605,6 +605,7 @@ def train_worker(run_dir: Path) -> int:
     from tasks.model import load_base, load_tokenizer, tokenizer_fingerprint
     from tasks.tokenize import DataPosition, PackedShards, check_tokenizer, collate
 
+    t_enter = time.time()  # startup phases go to metrics.jsonl ("startup"): launch-to-first-step is overhead on every resume
     rank_env = os.environ.get("RANK", "0")
     sys.stdout = _SafeStream(sys.stdout, run_dir / f"worker-rank{rank_env}.log")
     sys.stderr = _SafeStream(sys.stderr, run_dir / f"worker-rank{rank_env}.log")
@@ -641,6 +642,7 @@ def train_worker(run_dir: Path) -> int:
     # model: NF4 base, LoRA on the attention projections. Under FSDP no device_map: the model is
     # loaded where accelerate/transformers put it and FSDP shards it.
     device_map = {"": acc.local_process_index} if torch.cuda.is_available() and not fsdp else None
+    t_model = time.time()
     if tc.liger_kernel:
         apply_liger(inputs["base"])
     model = load_base(inputs["base"], cfg.model, device_map=device_map)
@@ -652,6 +654,8 @@ def train_worker(run_dir: Path) -> int:
     model = get_peft_model(model, LoraConfig(r=lc.r, lora_alpha=lc.alpha, lora_dropout=lc.dropout,
                                              target_modules=lc.target_modules, bias=lc.bias, task_type="CAUSAL_LM"))
 
+    t_model = time.time() - t_model
+    t_resume = time.time()
     # resume: the newest verified checkpoint. The adapter goes in before wrapping (the same code for
     # one process, DDP and FSDP); optimizer, schedule, RNG and data position after.
     if main:  # a write that a crash interrupted: never complete, never read
@@ -743,7 +747,15 @@ def train_worker(run_dir: Path) -> int:
     _watch_supervisor(stop)
 
     tracker = Tracker(run_dir, cfg, enabled=main)
-    batches = train_set.batches(cfg.seed, mb, pos, rank, world)
+    batches = train_set.batches(cfg.seed, mb, pos, rank, world)  # O(1): starts at pos, no replay
+    now = time.time()
+    startup = {"step": step, "event": "startup", "resumed_from": ck.name if ck else None,
+               "process_s": round(now - _process_start(t_enter), 2), "model_load_s": round(t_model, 2),
+               "resume_s": round(now - t_resume, 2)}  # resume_s: PEFT wrap + checkpoint + optimizer + data position
+    tracker.log(startup)
+    if main:
+        print(f"startup: {startup['process_s']:.1f} s since the process started, of which model load "
+              f"{startup['model_load_s']:.1f} s and wrap/resume {startup['resume_s']:.1f} s", flush=True)
     device = acc.device
     total_tokens = total_steps * tokens_per_step
     if main:
@@ -856,6 +868,8 @@ def train_worker(run_dir: Path) -> int:
         rec = {"step": step, "loss": loss_val, "lr": sched.get_last_lr()[0], "grad_norm": float(grad_norm),
                "tokens_seen": tokens_seen, "tokens_per_s": tps, "eta_s": eta,
                "epoch": pos.epoch + pos.batch / max(batches_per_epoch, 1)}
+        if torch.cuda.is_available():
+            rec["gpu_peak_gib"] = round(torch.cuda.max_memory_allocated(device) / 2**30, 2)
         if step % tc.log_every == 0 or step == total_steps:
             tracker.log(rec)
             if main:
@@ -915,6 +929,16 @@ def train_worker(run_dir: Path) -> int:
     tracker.close()
     acc.wait_for_everyone()
     return 0
+
+
+def _process_start(fallback: float) -> float:
+    """When this process was created (the launcher's own start-up before it counts too)."""
+    try:
+        import psutil
+
+        return psutil.Process().create_time()
+    except Exception:  # noqa: BLE001 - psutil missing on a bare node: from the worker's entry
+        return fallback
 
 
 def _fmt_eta(s: float) -> str:

@@ -128,6 +128,10 @@ def test_sigterm_saves_at_step_boundary_exits_75_and_resumes(data_root, tiny_mod
     m = run_train(cfg)
     assert m["counts"]["steps"] == 8
     _assert_matches_reference(run_dir, reference)
+    # each launch logs its start-up phases; the resumed one names its checkpoint and starts at its step
+    starts = [r for r in _records(run_dir) if r.get("event") == "startup"]
+    assert [(r["resumed_from"], r["step"]) for r in starts] == [(None, 0), (f"step-{last}", last)]
+    assert all(0 < r["model_load_s"] < r["process_s"] and r["resume_s"] >= 0 for r in starts)
 
 
 def test_kill_during_checkpoint_write_previous_one_loads(data_root, tiny_model_dir, reference, tmp_path):
