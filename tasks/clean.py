@@ -18,8 +18,8 @@ Per document, in this order:
      without digits, since quantities and E-numbers are content; code is exempt from both.
   5. Dedup over the whole corpus (all categories): exact (sha256 of whitespace-collapsed text; the
      smallest doc_id is kept), then near-duplicates (MinHash of word shingles + LSH, seeded with
-     ``cfg.seed``), visiting documents in doc_id order so the kept member of each cluster is the
-     lexicographically smallest one whatever the file order.
+     ``cfg.seed``; see ``tasks/dedup.py``), visiting documents in doc_id order so the kept member of
+     each cluster is the lexicographically smallest one whatever the file order.
   6. Documents longer than ``max_chars`` are split at paragraph (then line, then word) boundaries
      into parts ``<doc_id>-p<i>``; parts share ``dup_cluster`` = the original doc_id so the split
      stage keeps them on one side.
@@ -38,17 +38,20 @@ near-duplicate of an older one with a larger doc_id (there, full and incremental
 members of the cluster; incremental keeps the one already trained on).
 
 Memory: texts stream batch by batch (pass 1 writes cleaned survivors to a staging file; pass 2
-re-reads it, applies the dedup verdicts and writes the output). Only per-document hashes and MinHash
-signatures (num_perm x 4 bytes) of the kept documents stay in memory, plus the LSH index: about
-1 KB per kept document (56M documents of ~1,000 tokens: ~60 GB, so at that scale the dedup is run
-per band on a cluster, see README "Scaling out"). Pass 1 runs in ``clean.workers`` processes, or on
-Dask workers when an executor is given, with results taken in order: the output does not depend on
-how it ran.
+re-reads it, applies the dedup verdicts and writes the output). Signatures (num_perm x 4 bytes),
+exact keys and LSH band records go to disk and the dedup runs partition by partition
+(``tasks/dedup.py``: ``ExternalDedup``), so they do not grow memory with the corpus; the index is
+written in batches. What still grows, by ~100-200 bytes per document: the set of doc_ids seen (for
+``duplicate_doc_id``), the input keys of this run's documents until they are written, and the
+previous run's verdicts (``PriorIndex.rows``, without signatures). Pass 1 runs in ``clean.workers``
+processes, or on Dask workers when an executor is given, with results taken in order: the output
+does not depend on how it ran.
 """
 
 from __future__ import annotations
 
 import argparse
+import functools
 import hashlib
 import logging
 import math
@@ -66,13 +69,14 @@ import pyarrow.parquet as pq
 from prefect import task
 
 from tasks.config import CATEGORIES, CleanConfig, PipelineConfig, config_from_dict, dump_resolved, load_config
+from tasks.dedup import ExternalDedup, Signer, code_points
 from tasks.manifest import Stage, code_fingerprint, fingerprint, read_manifest, require_manifest
 from tasks.textio import CategoryWriters, Progress, category_files, dask_executor, iter_batches, num_rows, ordered_map
 
 log = logging.getLogger("tasks.clean")  # stable name also under python -m
 
 # Bumped when the cleaning rules change, so existing outputs are rebuilt.
-RULES_VERSION = 3
+RULES_VERSION = 4  # 4: numpy MinHash signatures (uint32), external dedup
 # the boilerplate share/doc thresholds are clean.boilerplate_* config fields
 BOILERPLATE_MIN_LINE_CHARS = 12  # shorter lines ("Ingredients", "}") are structure, not boilerplate
 
@@ -90,22 +94,69 @@ REJECT_SCHEMA = pa.schema(
      ("reason", pa.string()), ("detail", pa.string()), ("text", pa.string())]
 )
 STAGING = "_staging"
+DEDUP_MEMORY_BYTES = 256 << 20  # what one dedup partition may take while it is sorted
 
 # ------------------------------------------------------------------------------ text cleanup
-_ZERO_WIDTH = dict.fromkeys(map(ord, "\u200b\u200c\u200d\u2060\ufeff\u00ad"), None)
+_ZERO_WIDTH_CHARS = "\u200b\u200c\u200d\u2060\ufeff\u00ad"
+_ZERO_WIDTH = dict.fromkeys(map(ord, _ZERO_WIDTH_CHARS), None)
 _CONTROL_RE = re.compile(r"[\x00-\x08\x0b\x0c\x0e-\x1f\x7f-\x9f]")
+_CONTROL_BYTES = bytes([*range(0x09), 0x0B, 0x0C, *range(0x0E, 0x20), 0x7F])
 _SPACES_RE = re.compile(r"[ \t\u00a0\u2000-\u200a\u202f\u205f\u3000]+")
+# whitespace other than space, tab and newline: where it occurs, lines take the general per-line path
+_ODD_SPACE_RE = re.compile(r"[^\S \t\n]")
+_TRAILING_RE = re.compile(r"[ \t]+\n")
+_MULTI_SPACE_RE = re.compile(r"  +")
 _BLANKS_RE = re.compile(r"\n{3,}")
 _CODE_LIKE_RE = re.compile(
     r"[(){}\[\];=<>]|^\s*(import|from|def|class|return|#include|package|using|const|let|var|function|public|private)\b"
 )
 
 
+def _has_control(text: str) -> bool:
+    b = text.encode("utf-8", "surrogatepass")
+    if len(b.translate(None, _CONTROL_BYTES)) != len(b):
+        return True
+    # C1 controls (U+0080..U+009F) are 0xC2 0x80..0x9F in UTF-8; 0xC2 alone also starts common
+    # characters (nbsp, degree sign), so only then is the regex asked
+    return b"\xc2" in b and _CONTROL_RE.search(text) is not None
+
+
 def normalize_text(text: str, form: str, code: bool = False) -> str:
-    """Unicode form, unified newlines, no zero-width/control characters, no trailing spaces."""
-    text = unicodedata.normalize(form, text).replace("\r\n", "\n").replace("\r", "\n")
-    text = _CONTROL_RE.sub("", text.translate(_ZERO_WIDTH))
+    """Unicode form, unified newlines, no zero-width/control characters, no trailing spaces.
+
+    Each step first checks (with C-speed string methods) whether it has anything to do: most
+    documents need none of them, and the per-line regex pass was the stage's largest cost."""
+    if not text.isascii():  # ASCII is already in every normal form and has no zero-width characters
+        text = unicodedata.normalize(form, text)
+        if any(ch in text for ch in _ZERO_WIDTH_CHARS):
+            text = text.translate(_ZERO_WIDTH)
+    if "\r" in text:
+        text = text.replace("\r\n", "\n").replace("\r", "\n")
+    if _has_control(text):
+        text = _CONTROL_RE.sub("", text)
+    if not text.isascii() and _ODD_SPACE_RE.search(text):
+        return _normalize_lines(text, code)
+    # from here the only whitespace is space, tab and newline
     if code:  # indentation is syntax in code: only trailing whitespace goes
+        if " \n" in text or "\t\n" in text:
+            text = _TRAILING_RE.sub("\n", text)
+        return text.rstrip(" \t")
+    # runs of spaces and tabs become one space (a tab becomes a space first: same runs, same result)
+    if "\t" in text:
+        text = text.replace("\t", " ")
+    if "  " in text:
+        text = _MULTI_SPACE_RE.sub(" ", text)
+    # single spaces only: strip each line's one leading/trailing space
+    if " \n" in text:
+        text = text.replace(" \n", "\n")
+    if "\n " in text:
+        text = text.replace("\n ", "\n")
+    return text.strip(" ")
+
+
+def _normalize_lines(text: str, code: bool) -> str:
+    """The general path: every line on its own."""
+    if code:
         lines = [ln.rstrip() for ln in text.split("\n")]
     else:
         lines = [_SPACES_RE.sub(" ", ln).strip() for ln in text.split("\n")]
@@ -113,27 +164,45 @@ def normalize_text(text: str, form: str, code: bool = False) -> str:
 
 
 def collapse_blank_lines(text: str) -> str:
-    return _BLANKS_RE.sub("\n\n", text).strip("\n").rstrip()
+    if "\n\n\n" in text:
+        text = _BLANKS_RE.sub("\n\n", text)
+    return text.strip("\n").rstrip()
+
+
+def _canonical_line(line: str) -> str:
+    return " ".join(line.split())
 
 
 def _line_key(line: str) -> bytes:
-    return hashlib.blake2b(" ".join(line.split()).encode(), digest_size=8).digest()
+    return hashlib.blake2b(_canonical_line(line).encode(), digest_size=8).digest()
 
 
-def _boilerplate_candidate(line: str, code: bool) -> bool:
+def _boilerplate_candidate(line: str, code: bool) -> str | None:
+    """The line's whitespace-collapsed form if it could be boilerplate, else None."""
+    words = line.split()
+    if len(words) < 3:
+        return None
     s = line.strip()
-    if len(s) < BOILERPLATE_MIN_LINE_CHARS or len(s.split()) < 3:
-        return False
     # in code, repeated lines such as imports are content; only prose-looking lines can be footers
-    return not (code and _CODE_LIKE_RE.search(s))
+    if len(s) < BOILERPLATE_MIN_LINE_CHARS or (code and _CODE_LIKE_RE.search(s)):
+        return None
+    return " ".join(words)
 
 
-def remove_boilerplate(text: str, keys: frozenset[bytes], code: bool) -> tuple[str, int]:
-    if not keys:
+@functools.lru_cache(maxsize=1024)
+def _first_words(lines: frozenset[str]) -> tuple[str, ...]:
+    return tuple({ln.split(" ", 1)[0] for ln in lines})
+
+
+def remove_boilerplate(text: str, lines: frozenset[str], code: bool) -> tuple[str, int]:
+    """Drop the lines whose whitespace-collapsed form is one of the source's boilerplate lines (a
+    line not starting with one of their first words cannot be one: checked first, at C speed)."""
+    if not lines:
         return text, 0
+    first = _first_words(lines)
     kept, removed = [], 0
     for ln in text.split("\n"):
-        if _boilerplate_candidate(ln, code) and _line_key(ln) in keys:
+        if ln.lstrip().startswith(first) and _boilerplate_candidate(ln, code) in lines:
             removed += 1
         else:
             kept.append(ln)
@@ -164,14 +233,47 @@ def _phone_or_not(m: re.Match[str]) -> str:
     return s
 
 
+# A phone match starts with "+", "(" or a digit and consumes only digits and " ().+-", so it lies inside
+# a match of this (greedy) run pattern; a run with fewer than 7 digits never holds a phone number.
+_PHONE_RUN_RE = re.compile(r"[\d(+][\d ().+-]{6,}")
+
+
+def _phone_windows(text: str) -> list[tuple[int, int]]:
+    """Slices of ``text`` outside which ``_PHONE_RE.sub(_phone_or_not, ...)`` changes nothing: runs
+    holding >= 7 digits, with one character of context before (the look-behind; it cannot start a
+    match) and two after (the look-ahead)."""
+    windows: list[tuple[int, int]] = []
+    for m in _PHONE_RUN_RE.finditer(text):
+        if sum(ch.isdigit() for ch in m.group()) < 7:
+            continue
+        a, b = max(m.start() - 1, 0), min(m.end() + 2, len(text))
+        if windows and a <= windows[-1][1]:
+            windows[-1] = (windows[-1][0], b)
+        else:
+            windows.append((a, b))
+    return windows
+
+
 def scrub_pii(text: str, phones: bool = True) -> tuple[str, int, int]:
     """Replace e-mail addresses and phone numbers with placeholders; returns (text, n_emails, n_phones)."""
-    text, n_email = _EMAIL_RE.subn(EMAIL, text)
+    n_email = 0
+    if "@" in text:  # every e-mail match has one
+        text, n_email = _EMAIL_RE.subn(EMAIL, text)
     n_phone = 0
     if phones:
-        out = _PHONE_RE.sub(_phone_or_not, text)
-        n_phone = out.count(PHONE) - text.count(PHONE)
-        text = out
+        windows = _phone_windows(text)
+        if windows:
+            parts, pos = [], 0
+            for a, b in windows:
+                parts += [text[pos:a], _PHONE_RE.sub(_phone_or_not, text[a:b])]
+                pos = b
+            parts.append(text[pos:])
+            out = "".join(parts)
+        else:
+            out = text
+        if out is not text:
+            n_phone = out.count(PHONE) - text.count(PHONE)
+            text = out
     return text, n_email, n_phone
 
 
@@ -186,6 +288,29 @@ def _is_symbol(ch: str) -> bool:
     return ch in _SYMBOL_CHARS or unicodedata.category(ch)[0] == "S"
 
 
+@functools.lru_cache(maxsize=8192)
+def _char_classes(code: int) -> tuple[int, int, int, int]:
+    """(letter, digit, space, symbol) flags of one character, by the same rules as the regexes."""
+    ch = chr(code)
+    symbol = not ch.isalnum() and not ch.isspace() and _is_symbol(ch)
+    return (int(bool(_LETTER_RE.match(ch))), int(bool(_DIGIT_RE.match(ch))), int(bool(_SPACE_RE.match(ch))), int(symbol))
+
+
+_ASCII_CLASSES = np.array([_char_classes(i) for i in range(128)], dtype=np.int64).T  # 4 x 128
+
+
+def char_counts(text: str) -> tuple[int, int, int, int]:
+    """Numbers of letters, digits, whitespace and symbol characters: a histogram of the ASCII code
+    points, and the distinct non-ASCII characters classified one by one."""
+    cp = code_points(text)
+    hist = np.bincount(np.minimum(cp, 128), minlength=129)
+    counts = _ASCII_CLASSES @ hist[:128]
+    if hist[128]:
+        codes, n = np.unique(cp[cp > 127], return_counts=True)
+        counts = counts + np.array([_char_classes(x) for x in codes.tolist()], dtype=np.int64).T @ n
+    return tuple(int(x) for x in counts)  # type: ignore[return-value]
+
+
 def quality_reject(text: str, category: str, c: CleanConfig) -> tuple[str, str] | None:
     """(reason, detail) if the cleaned text fails the heuristics for its category, else None."""
     if not text.strip():
@@ -194,13 +319,12 @@ def quality_reject(text: str, category: str, c: CleanConfig) -> tuple[str, str] 
         return "too_short", f"{len(text)} chars < min_chars={c.min_chars}"
     if category in CODE:
         return None
-    non_space = len(text) - len(_SPACE_RE.findall(text))
-    denom = non_space - (len(_DIGIT_RE.findall(text)) if category in STRUCTURED else 0)
-    alpha = len(_LETTER_RE.findall(text)) / max(denom, 1)
+    letters, digits, spaces, symbols = char_counts(text)
+    non_space = len(text) - spaces
+    denom = non_space - (digits if category in STRUCTURED else 0)
+    alpha = letters / max(denom, 1)
     if alpha < c.min_alpha_ratio:
         return "low_alpha", f"alpha ratio {alpha:.3f} < {c.min_alpha_ratio}"
-    # per distinct character, not per character: a document has ~100 distinct ones and ~10^4 characters
-    symbols = sum(text.count(ch) for ch in set(text) if not ch.isalnum() and not ch.isspace() and _is_symbol(ch))
     ratio = symbols / max(non_space, 1)
     if ratio > c.max_symbol_ratio:
         return "symbol_ratio", f"symbol ratio {ratio:.3f} > {c.max_symbol_ratio}"
@@ -238,90 +362,8 @@ def split_parts(text: str, max_chars: int, level: int = 0) -> list[str]:
 
 
 # ------------------------------------------------------------------------------------ dedup
-_WORD_RE = re.compile(r"\w+")
-
-
 def exact_key(text: str) -> bytes:
     return hashlib.sha256(" ".join(text.split()).encode()).digest()[:16]
-
-
-def shingle_hash(data: bytes) -> int:
-    """32-bit shingle hash for MinHash: xxh32 (datasketch's default, SHA-1, is ~3x slower per shingle)."""
-    import xxhash
-
-    return xxhash.xxh32_intdigest(data)
-
-
-class Signer:
-    """MinHash signatures of word shingles; permutations are drawn once from the seed and shared."""
-
-    def __init__(self, num_perm: int, shingle_words: int, seed: int):
-        from datasketch import MinHash
-
-        self._MinHash = MinHash
-        self.template = MinHash(num_perm=num_perm, seed=seed, hashfunc=shingle_hash)
-        self.num_perm, self.k, self.seed = num_perm, shingle_words, seed
-
-    def shingles(self, text: str) -> list[bytes]:
-        words = _WORD_RE.findall(text.casefold())
-        if len(words) <= self.k:
-            return [" ".join(words).encode() or text.encode()]
-        return [" ".join(words[i : i + self.k]).encode() for i in range(len(words) - self.k + 1)]
-
-    def signature(self, text: str) -> np.ndarray:
-        m = self._MinHash(
-            num_perm=self.num_perm, seed=self.seed, permutations=self.template.permutations, scheme=self.template.scheme,
-            hashfunc=shingle_hash,
-        )
-        m.update_batch(self.shingles(text))
-        return m.hashvalues.copy()
-
-
-@dataclass
-class DedupResult:
-    removed: dict[int, tuple[str, str]] = field(default_factory=dict)  # index -> (reason, detail)
-    representative: dict[int, int] = field(default_factory=dict)  # near-dup index -> kept index
-
-
-def dedup(doc_ids: list[str], keys: list[bytes], sigs: np.ndarray, threshold: float, seed: int, scheme: str,
-          n_prior: int = 0) -> DedupResult:
-    """Exact then near-duplicate removal. The first ``n_prior`` documents were kept by an earlier run:
-    they are visited first, in the given order, and always stay. The rest are visited in doc_id order
-    (deterministic, and the kept member of each new cluster is the smallest doc_id). A near-duplicate
-    joins the kept document with the highest estimated Jaccard >= threshold (ties: the smaller doc_id)."""
-    from datasketch import LeanMinHash, MinHashLSH
-
-    res = DedupResult()
-    order = list(range(n_prior)) + sorted(range(n_prior, len(doc_ids)), key=doc_ids.__getitem__)
-    first: dict[bytes, int] = {}
-    for i in order:
-        j = first.setdefault(keys[i], i)
-        if j != i:
-            res.removed[i] = ("exact_duplicate", doc_ids[j])
-    if len(sigs) == 0:
-        return res
-    # Every LSH candidate is verified against the threshold below, so a false positive only costs a
-    # comparison while a false negative leaves a duplicate in: weight the band layout towards recall
-    # (at threshold 0.7 and 128 permutations: a pair at J=0.79 is found with p=0.996, not 0.83).
-    lsh = MinHashLSH(threshold=threshold, num_perm=sigs.shape[1], weights=(0.1, 0.9))
-    for i in order:
-        if i in res.removed:
-            continue
-        m = LeanMinHash(seed=seed, hashvalues=sigs[i], scheme=scheme)
-        if i < n_prior:
-            lsh.insert(i, m, check_duplication=False)
-            continue
-        best: tuple[float, str, int] | None = None
-        for j in lsh.query(m):
-            est = float(np.mean(sigs[i] == sigs[j]))
-            if est >= threshold and (best is None or (-est, doc_ids[j]) < (-best[0], best[1])):
-                best = (est, doc_ids[j], j)
-        if best is None:
-            lsh.insert(i, m, check_duplication=False)
-        else:
-            res.removed[i] = ("near_duplicate", f"{best[1]} jaccard~{best[0]:.3f}")
-            res.representative[i] = best[2]
-    return res
 
 
 # -------------------------------------------------------------------------------- the stage
@@ -369,10 +411,14 @@ def _conform(batch: pa.RecordBatch, path: Path, warned: set[str]) -> pa.Table:
     return pa.Table.from_arrays(cols, names=list(COLUMNS))
 
 
-def _sample_boilerplate(path: Path, c: CleanConfig, code: bool) -> dict[str, frozenset[bytes]]:
-    """Per source: keys of lines found in >= boilerplate_min_fraction of its (sampled) documents."""
+def _sample_boilerplate(path: Path, c: CleanConfig, code: bool) -> dict[str, frozenset[str]]:
+    """Per source: the (whitespace-collapsed) lines found in >= boilerplate_min_fraction of its
+    (sampled) documents."""
     cols = [x for x in ("source_id", "text") if x in pq.ParquetFile(path).schema_arrow.names]
+    # counted by 8-byte key; a line's text is kept only once a second document has it (most lines
+    # are unique content, and the sample can be 5,000 documents per source)
     counts: dict[str, Counter[bytes]] = defaultdict(Counter)
+    texts: dict[str, dict[bytes, str]] = defaultdict(dict)
     docs: Counter[str] = Counter()
     for batch in iter_batches(path, cols):
         d = batch.to_pydict()
@@ -382,19 +428,25 @@ def _sample_boilerplate(path: Path, c: CleanConfig, code: bool) -> dict[str, fro
                 continue
             docs[src] += 1
             lines = normalize_text(text, c.unicode_form, code).split("\n")
-            counts[src].update({_line_key(ln) for ln in lines if _boilerplate_candidate(ln, code)})
+            cands = {k for ln in lines if (k := _boilerplate_candidate(ln, code)) is not None}
+            ctr = counts[src]
+            for line in cands:
+                key = _line_key(line)
+                ctr[key] += 1
+                if ctr[key] == 2:
+                    texts[src][key] = line
         if docs and all(n >= c.boilerplate_sample_docs for n in docs.values()):
             break
     out = {}
     for src, ctr in counts.items():
         need = max(c.boilerplate_min_docs, math.ceil(c.boilerplate_min_fraction * docs[src]))
-        out[src] = frozenset(k for k, n in ctr.items() if n >= need)
+        out[src] = frozenset(texts[src][k] for k, n in ctr.items() if n >= need)
         if out[src]:
             log.info("clean: %s source %r: %d boilerplate line(s) over %d docs", path.name, src, len(out[src]), docs[src])
     return out
 
 
-def clean_text(text: str, category: str, boilerplate: frozenset[bytes], c: CleanConfig) -> tuple[str, dict[str, int]]:
+def clean_text(text: str, category: str, boilerplate: frozenset[str], c: CleanConfig) -> tuple[str, dict[str, int]]:
     """One document through normalization, boilerplate removal and PII scrubbing."""
     code = category in CODE
     t = normalize_text(text, c.unicode_form, code)
@@ -449,19 +501,25 @@ def _index_key(cfg: PipelineConfig) -> str:
     return fingerprint({"config": _stage_config(cfg), "code": code_fingerprint("clean")})
 
 
-def input_key(text: str, boilerplate: frozenset[bytes]) -> bytes:
+def input_key(text: str, boilerplate: frozenset[str]) -> bytes:
     """A document's cleaned text depends on its raw text and on its source's boilerplate lines."""
     h = hashlib.blake2b(text.encode("utf-8", "surrogatepass"), digest_size=16)
-    for k in sorted(boilerplate):
-        h.update(k)
+    h.update(_boilerplate_digest(boilerplate))
     return h.digest()
+
+
+@functools.lru_cache(maxsize=1024)
+def _boilerplate_digest(boilerplate: frozenset[str]) -> bytes:
+    return b"".join(sorted(_line_key(ln) for ln in boilerplate))
 
 
 @dataclass
 class PriorIndex:
-    """The previous run's verdicts, by doc_id: (input key, category, status, dup_of, exact key, signature, seq)."""
+    """The previous run's verdicts, by doc_id: (input key, category, status, dup_of, seq). Exact keys
+    and signatures stay in the file (``path``) and are streamed when needed."""
 
     rows: dict[str, tuple] = field(default_factory=dict)
+    path: Path | None = None
 
     @classmethod
     def load(cls, clean_dir: Path, key: str) -> PriorIndex:
@@ -471,9 +529,21 @@ class PriorIndex:
             if m:
                 log.info("clean: no usable index in %s (config, rules or code changed): full re-clean", clean_dir)
             return cls()
-        t = pq.read_table(path)
-        cols = [t.column(c).to_pylist() for c in ("doc_id", "input_key", "category", "status", "dup_of", "exact_key", "sig", "seq")]
-        return cls({r[0]: r[1:] for r in zip(*cols)})
+        rows = {}
+        for batch in iter_batches(path, ["doc_id", "input_key", "category", "status", "dup_of", "seq"]):
+            for r in zip(*(batch.column(i).to_pylist() for i in range(6))):
+                rows[r[0]] = r[1:]
+        return cls(rows, path)
+
+    def iter_rows(self, doc_ids: set[str]):
+        """The stored rows (all columns, as dicts) of ``doc_ids``, in file order: kept rows are in the
+        order they were first kept (each run appends its new ones after the reused ones)."""
+        if self.path is None:
+            return
+        for batch in iter_batches(self.path):
+            for r in batch.to_pylist():
+                if r["doc_id"] in doc_ids:
+                    yield r
 
 
 INDEX_SCHEMA = pa.schema([("doc_id", pa.string()), ("input_key", pa.binary(16)), ("category", pa.string()),
@@ -489,11 +559,44 @@ def _reusable(prior: PriorIndex, current: dict[str, tuple[bytes, str]]) -> set[s
     return {d for d in same if prior.rows[d][2] == "kept" or prior.rows[d][3] is None or prior.rows[d][3] in kept}
 
 
-def run_clean(cfg: PipelineConfig, workers: int | None = None, executor=None) -> dict[str, Any]:
+def _add_prior(dd: ExternalDedup, rows: list[dict[str, Any]]) -> None:
+    if rows:
+        sigs = np.stack([np.frombuffer(r["sig"], np.uint32) for r in rows])
+        dd.add([r["doc_id"] for r in rows], [r["category"] for r in rows], [r["exact_key"] for r in rows], sigs, prior=True)
+        rows.clear()
+
+
+class _IndexWriter:
+    """index.parquet, written in batches (it has a row, and for kept documents a signature, per document)."""
+
+    def __init__(self, path: Path, flush_rows: int = 10_000):
+        self.writer = pq.ParquetWriter(path, INDEX_SCHEMA)
+        self.rows: list[dict[str, Any]] = []
+        self.flush_rows = flush_rows
+
+    def add(self, row: dict[str, Any]) -> None:
+        self.rows.append(row)
+        if len(self.rows) >= self.flush_rows:
+            self.flush()
+
+    def flush(self) -> None:
+        if self.rows:
+            self.writer.write_table(pa.Table.from_pylist(self.rows, schema=INDEX_SCHEMA))
+            self.rows.clear()
+
+    def close(self) -> None:
+        self.flush()
+        self.writer.close()
+
+
+def run_clean(cfg: PipelineConfig, workers: int | None = None, executor=None,
+              dedup_partitions: int | None = None) -> dict[str, Any]:
     """Clean + dedup ``<root>/extracted`` into ``<root>/clean``; returns the manifest.
 
     ``workers`` (default ``clean.workers``) > 1 cleans and signs batches in that many processes,
     ``executor`` (a Dask client) on a cluster; the output is identical either way.
+    ``dedup_partitions`` forces the external dedup's partition count (tests; the default fits
+    ``DEDUP_MEMORY_BYTES``).
     """
     c = cfg.clean
     workers = c.workers if workers is None else workers
@@ -505,7 +608,6 @@ def run_clean(cfg: PipelineConfig, workers: int | None = None, executor=None) ->
     files = category_files(in_dir, include_unknown=True)
     if not files:
         log.warning("clean: no category files in %s", in_dir)
-    scheme = Signer(c.num_perm, c.shingle_words, cfg.seed).template.scheme
     index_key = _index_key(cfg)
     prior = PriorIndex.load(stage.out_dir, index_key) if c.incremental else PriorIndex()
     for path in files.values():  # fail early, naming the file
@@ -531,21 +633,40 @@ def run_clean(cfg: PipelineConfig, workers: int | None = None, executor=None) ->
 
     per_cat: dict[str, Counter[str]] = defaultdict(Counter)
     totals: Counter[str] = Counter()
-    # dedup inputs: earlier runs' kept documents first (in the order they were kept), then this run's survivors
-    prior_kept = sorted((d for d in reuse if prior.rows[d][2] == "kept"), key=lambda d: prior.rows[d][6])
-    ids: list[str] = list(prior_kept)
-    keys: list[bytes] = [prior.rows[d][4] for d in prior_kept]
-    sigs: list[np.ndarray] = [np.frombuffer(prior.rows[d][5], dtype=np.uint64) for d in prior_kept]
-    cats: list[str] = [prior.rows[d][1] for d in prior_kept]
-    n_prior = len(ids)
     new_keys: dict[str, bytes] = {}  # input key of every document cleaned this run
-    new_status: dict[str, tuple[str, str]] = {}  # quality rejects of this run: (reason, category)
     seen_ids: set[str] = set()
     warned: set[str] = set()
+    max_docs = sum(num_rows(p) for p in files.values()) + sum(r[2] == "kept" for r in prior.rows.values())
 
     with stage.building() as work:
         rejects = _Rejects(work / "rejects.parquet")
         staging = work / STAGING
+        index = _IndexWriter(work / INDEX)
+        dd = ExternalDedup(work / "_dedup", c.num_perm, c.near_dup_threshold, CATEGORIES, max_docs,
+                           memory_bytes=DEDUP_MEMORY_BYTES, partitions=dedup_partitions)
+        # ---- earlier runs' kept documents enter the dedup first, in the order they were kept; every
+        # reused entry is copied into the new index as it was
+        n_prior, seq = 0, 0
+        reps = {prior.rows[d][3] for d in reuse if prior.rows[d][2] == "near_duplicate"}
+        rep_arrival: dict[str, int] = {}
+        buf: list[dict[str, Any]] = []
+        for r in prior.iter_rows(reuse):
+            index.add(r)
+            if r["status"] != "kept":
+                per_cat[r["category"]]["rejected"] += 1
+                continue
+            assert r["seq"] >= seq, f"clean: {prior.path}: kept rows out of order"
+            seq = r["seq"] + 1
+            if r["doc_id"] in reps:
+                rep_arrival[r["doc_id"]] = n_prior
+            n_prior += 1
+            buf.append(r)
+            if len(buf) >= 4096:
+                _add_prior(dd, buf)
+        _add_prior(dd, buf)
+        for d in reuse:
+            if prior.rows[d][2] == "near_duplicate":
+                dd.add_prior_cluster(rep_arrival[prior.rows[d][3]], prior.rows[d][1])
         # ---- pass 1: validate (here: needs the global doc_id set), then clean, score and sign each
         # batch of new or changed documents (in worker processes or on Dask workers; results come
         # back in order), stage survivors
@@ -598,59 +719,39 @@ def run_clean(cfg: PipelineConfig, workers: int | None = None, executor=None) ->
             for (file_cat, t, d, cand), results in ordered_map(_clean_batch, prepared(), workers, executor=executor):
                 keep_idx: list[int] = []
                 texts: list[str] = []
+                keys: list[bytes] = []
+                sigs: list[np.ndarray] = []
                 for i, (cleaned, stats, q, key, sig) in zip(cand, results):
                     totals.update(stats)
                     per_cat[file_cat]["cleaned"] += 1
                     if q is not None:
                         rejects.add(d["doc_id"][i], d["url"][i], file_cat, *q, cleaned)
                         per_cat[file_cat]["rejected"] += 1
-                        new_status[d["doc_id"][i]] = (q[0], file_cat)
+                        index.add({"doc_id": d["doc_id"][i], "input_key": new_keys.pop(d["doc_id"][i]),
+                                   "category": file_cat, "status": q[0], "dup_of": None, "exact_key": None,
+                                   "sig": None, "seq": None})
                         continue
                     keep_idx.append(i)
                     texts.append(cleaned)
-                    ids.append(d["doc_id"][i])
                     keys.append(key)
                     sigs.append(sig)
-                    cats.append(file_cat)
                 if keep_idx:
+                    dd.add([d["doc_id"][i] for i in keep_idx], [file_cat] * len(keep_idx), keys, np.stack(sigs))
                     out = t.take(pa.array(keep_idx, pa.int64()))
                     out = out.set_column(COLUMNS.index("text"), "text", pa.array(texts, pa.string()))
                     out = out.set_column(COLUMNS.index("category"), "category", pa.array([file_cat] * len(keep_idx), pa.string()))
                     stage_out.write(file_cat, out)
 
-        # ---- dedup over the whole corpus, in memory on hashes and signatures
-        sig_arr = np.stack(sigs) if sigs else np.zeros((0, c.num_perm), np.uint64)
-        res = dedup(ids, keys, sig_arr, c.near_dup_threshold, cfg.seed, scheme, n_prior=n_prior)
-        clusters: dict[str, set[str]] = defaultdict(set)  # category -> kept doc_ids that absorbed near-dups
-        for i, rep in res.representative.items():
-            clusters[cats[i]].add(ids[rep])
-
-        # ---- the index for the next run: reused entries as they were, this run's documents as decided now
-        index_rows: list[dict[str, Any]] = []
-        seq = 1 + max((prior.rows[d][6] for d in prior_kept), default=-1)
-        for d in sorted(reuse):
-            r = prior.rows[d]
-            index_rows.append(dict(zip(INDEX_SCHEMA.names, (d, *r))))
-            if r[2] != "kept":
-                per_cat[r[1]]["rejected"] += 1
-        for i in range(n_prior, len(ids)):
-            v = res.removed.get(i)
-            status, dup_of = ("kept", None) if v is None else (v[0], v[1].split(" ")[0])
-            index_rows.append({"doc_id": ids[i], "input_key": new_keys[ids[i]], "category": cats[i], "status": status,
-                               "dup_of": dup_of, "exact_key": keys[i] if v is None else None,
-                               "sig": sigs[i].astype(np.uint64).tobytes() if v is None else None,
-                               "seq": seq if v is None else None})
-            seq += v is None
-        for d, (reason, cat) in new_status.items():
-            index_rows.append({"doc_id": d, "input_key": new_keys[d], "category": cat, "status": reason,
-                               "dup_of": None, "exact_key": None, "sig": None, "seq": None})
-        del sigs, keys
+        # ---- dedup over the whole corpus, on disk (see tasks/dedup.py)
+        dstats = dd.run()
+        log.info("clean: dedup of %d documents in %d partition(s): %d exact and %d near duplicates, %d verified pairs",
+                 dstats.documents, dstats.partitions, dstats.exact_removed, dstats.near_removed, dstats.candidate_pairs)
 
         # ---- pass 2: reused output copied from the previous run, then this run's verdicts applied,
         # long documents split, output written
         reused_kept = {d for d in reuse if prior.rows[d][2] == "kept"}
         reused_rejected = {(d, prior.rows[d][2]) for d in reuse if prior.rows[d][2] != "kept"}
-        idx = n_prior
+        idx = n_prior  # arrival number in the dedup
         with CategoryWriters(work) as final:
             for cat in CATEGORIES:
                 old = stage.out_dir / f"{cat}.parquet"
@@ -675,17 +776,27 @@ def run_clean(cfg: PipelineConfig, workers: int | None = None, executor=None) ->
                     continue
                 for batch in iter_batches(sp):
                     d = batch.to_pydict()
+                    sigs_b, keys_b = dd.read_rows(idx, idx + batch.num_rows)
                     take: list[int] = []
                     out_ids: list[str] = []
                     out_texts: list[str] = []
                     clusters_col: list[str] = []
                     for i in range(batch.num_rows):
                         doc_id, text = d["doc_id"][i], d["text"][i]
-                        if (verdict := res.removed.get(idx)) is not None:
+                        verdict = dd.verdict(idx)
+                        # the index for the next run: this run's documents as decided now
+                        index.add({"doc_id": doc_id, "input_key": new_keys.pop(doc_id), "category": cat,
+                                   "status": "kept" if verdict is None else verdict[0],
+                                   "dup_of": None if verdict is None else verdict[1].split(" ")[0],
+                                   "exact_key": keys_b[i].tobytes() if verdict is None else None,
+                                   "sig": sigs_b[i].tobytes() if verdict is None else None,
+                                   "seq": seq if verdict is None else None})
+                        if verdict is not None:
                             rejects.add(doc_id, d["url"][i], cat, *verdict, text)
                             per_cat[cat]["rejected"] += 1
                             per_cat[cat]["exact_dup_removed" if verdict[0] == "exact_duplicate" else "near_dup_removed"] += 1
                         else:
+                            seq += 1
                             parts = split_parts(text, c.max_chars)
                             per_cat[cat]["kept"] += 1
                             if len(parts) > 1:
@@ -706,7 +817,8 @@ def run_clean(cfg: PipelineConfig, workers: int | None = None, executor=None) ->
                         per_cat[cat]["rows_out"] += len(take)
                         per_cat[cat]["chars_out"] += sum(len(x) for x in out_texts)
             written = final.keys
-        assert idx == len(ids), f"clean: staging has {idx - n_prior} rows, pass 1 kept {len(ids) - n_prior}"
+        assert idx == dstats.documents, f"clean: staging has {idx - n_prior} rows, pass 1 kept {dstats.documents - n_prior}"
+        dd.close()
         # reused rejects: copied from the previous rejects file (validation rejects were recomputed above)
         old_rej = stage.out_dir / "rejects.parquet"
         if reused_rejected and old_rej.is_file():
@@ -718,12 +830,11 @@ def run_clean(cfg: PipelineConfig, workers: int | None = None, executor=None) ->
                             per_cat[r["category"]]["exact_dup_removed"] += 1
                         elif r["reason"] == "near_duplicate":
                             per_cat[r["category"]]["near_dup_removed"] += 1
-                            clusters[r["category"]].add(prior.rows[r["doc_id"]][3])
-        for cat, reps in clusters.items():
-            per_cat[cat]["near_dup_clusters"] = len(reps)
+        for cat, n in dstats.clusters_by_category.items():
+            per_cat[cat]["near_dup_clusters"] = n
         rejects.close()
+        index.close()
         _remove_tree(staging)
-        pq.write_table(pa.Table.from_pylist(index_rows, schema=INDEX_SCHEMA), work / INDEX)
 
         # ---- counts: every input row is kept or rejected
         fields = ("documents_in", "kept", "rejected", "reused", "cleaned", "rows_out", "chars_out", "split_documents",

@@ -85,7 +85,7 @@ REPO_ROOT = Path(__file__).resolve().parent.parent
 # The code a stage's output depends on besides its config: editing it invalidates the stage's cache.
 # Training is the exception: its run directory is keyed by this fingerprint, and a code fix must not
 # orphan a week-long run's checkpoints.
-_CODE = {"extract": ("tasks/extract.py", "scrapers/*.py"), "clean": ("tasks/clean.py", "tasks/textio.py"),
+_CODE = {"extract": ("tasks/extract.py", "scrapers/*.py"), "clean": ("tasks/clean.py", "tasks/dedup.py", "tasks/textio.py"),
          "mix": ("tasks/mix.py", "tasks/tokenize.py", "tasks/textio.py"),
          "tokenize": ("tasks/tokenize.py", "tasks/textio.py"), "train": ()}
 

@@ -262,3 +262,201 @@ def test_incremental_cleans_only_new_docs_and_equals_full_reclean(tmp_path):
     # a config change invalidates the index: everything is cleaned again
     m3 = run_clean(make_cfg(inc, clean={"min_chars": 55, "max_chars": 2000}))
     assert m3["counts"]["reused"] == 0
+
+
+# ------------------------------------------------------------------------------ dedup internals
+def _mutate(rng: random.Random, text: str, n: int) -> str:
+    w = text.split()
+    for i in rng.sample(range(len(w)), n):
+        w[i] = f"zq{rng.randint(0, 10**9)}"
+    return " ".join(w)
+
+
+def _dedup_corpus(seed: int = 0) -> tuple[list[str], list[str], list[str]]:
+    """Doc ids, categories and texts: unique documents, exact copies, near-duplicates of one
+    original at several distances, and chains where each link is near only to its neighbour."""
+    rng = random.Random(seed)
+    ids, cats, texts = [], [], []
+
+    def add(doc_id: str, text: str) -> None:
+        ids.append(doc_id)
+        cats.append(rng.choice(["recipes", "articles", "code"]))
+        texts.append(text)
+
+    originals = [words(rng, 150) for _ in range(120)]
+    for i, t in enumerate(originals):
+        add(f"u{rng.randint(0, 10**6):07d}-{i}", t)
+    for i in rng.sample(range(len(originals)), 25):  # exact copies (whitespace differs)
+        add(f"x{rng.randint(0, 10**6):07d}-{i}", "  " + originals[i].replace(" ", "\n", 5))
+    for i in rng.sample(range(len(originals)), 30):  # near copies at J from ~0.95 down to ~0.6
+        for n in (1, 3, 8):
+            add(f"n{rng.randint(0, 10**6):07d}-{i}-{n}", _mutate(rng, originals[i], n))
+    for c in range(6):  # chains: a -> b -> c ..., each 6 words from the last
+        t = words(rng, 150)
+        for link in range(5):
+            add(f"c{c}-{link}", t)
+            t = _mutate(rng, t, 6)
+    order = list(range(len(ids)))
+    rng.shuffle(order)  # arrival order is not doc_id order
+    return [ids[i] for i in order], [cats[i] for i in order], [texts[i] for i in order]
+
+
+@pytest.mark.parametrize("partitions,n_prior", [(1, 0), (3, 0), (7, 40)])
+def test_external_dedup_equals_in_memory_reference(tmp_path, monkeypatch, partitions, n_prior):
+    import numpy as np
+
+    from tasks import dedup as D
+    from tasks.clean import exact_key
+
+    monkeypatch.setattr(D.ExternalDedup, "BLOCK", 64)  # several rank blocks and verdict files
+    monkeypatch.setattr(D.ExternalDedup, "RUN_DOCS", 50)  # several sorted runs to merge
+    ids, cats, texts = _dedup_corpus()
+    signer = D.Signer(128, 5, 1234)
+    keys = [exact_key(t) for t in texts]
+    sigs = np.stack([signer.signature(t) for t in texts])
+    want = D.dedup_reference(ids, keys, sigs, 0.8, n_prior=n_prior)
+    reasons = [r for r, _ in want.removed.values()]
+    assert reasons.count("exact_duplicate") >= 25 and reasons.count("near_duplicate") >= 30  # the corpus plants them
+
+    dd = D.ExternalDedup(tmp_path / "dd", 128, 0.8, ["recipes", "articles", "code"], len(ids), partitions=partitions)
+    cuts = sorted({*range(0, n_prior, 37), *range(n_prior, len(ids), 37), len(ids)})
+    for lo, hi in zip(cuts, cuts[1:]):  # prior documents first, then batches of this run's
+        dd.add(ids[lo:hi], cats[lo:hi], keys[lo:hi], sigs[lo:hi], prior=lo < n_prior)
+    assert dd.parts == partitions
+    stats = dd.run()
+    got = {i: v for i in range(len(ids)) if (v := dd.verdict(i)) is not None}
+    assert got == want.removed
+    assert stats.exact_removed + stats.near_removed == len(want.removed)
+    clusters: dict[str, set[int]] = {}
+    for i, rep in want.representative.items():
+        clusters.setdefault(cats[i], set()).add(rep)
+    assert stats.clusters_by_category == {c: len(v) for c, v in clusters.items()}
+    s, k = dd.read_rows(5, 9)
+    assert (s == sigs[5:9]).all() and [bytes(x) for x in k] == keys[5:9]
+    dd.close()
+    assert not (tmp_path / "dd").exists()
+
+
+def test_chain_of_near_duplicates_joins_only_kept_documents():
+    """a ~ b and b ~ c but not a ~ c: b goes (joins a); c is compared with kept documents only, so it stays."""
+    import numpy as np
+
+    from tasks.dedup import Signer, dedup_reference
+
+    s = Signer(128, 5, 1)
+    for seed in range(20):  # J(a,b) ~ J(b,c) ~ 0.86, J(a,c) ~ 0.74: find texts whose estimates agree
+        rng = random.Random(seed)
+        a = words(rng, 200)
+        b = _mutate(rng, a, 3)
+        c = _mutate(rng, b, 3)
+        sigs = np.stack([s.signature(t) for t in (a, b, c)])
+        est = lambda i, j: float(np.mean(sigs[i] == sigs[j]))  # noqa: E731
+        if est(0, 1) >= 0.8 and est(1, 2) >= 0.8 and est(0, 2) < 0.8:
+            break
+    else:
+        pytest.fail("no chain found")
+    res = dedup_reference(["a", "b", "c"], [b"a", b"b", b"c"], sigs, 0.8)
+    assert res.removed == {1: ("near_duplicate", f"a jaccard~{est(0, 1):.3f}")}
+
+
+def test_signature_estimates_jaccard_without_bias():
+    """The numpy MinHash's estimate against the exact Jaccard of the shingle sets, over J ~ 0.3..1."""
+    import numpy as np
+
+    from tasks.dedup import Signer, shingle_set
+
+    rng = random.Random(5)
+    s = Signer(128, 5, 1234)
+    errs = []
+    for _ in range(150):
+        a = words(rng, rng.randint(60, 400)) + " Ünïcödé ½ cup, 2² ok"
+        b = _mutate(rng, a, int(rng.uniform(0, 0.15) * len(a.split())))
+        exact = len(shingle_set(a, 5) & shingle_set(b, 5)) / len(shingle_set(a, 5) | shingle_set(b, 5))
+        errs.append(float(np.mean(s.signature(a) == s.signature(b))) - exact)
+        assert len(set(s.shingle_hashes(a).tolist())) == len(shingle_set(a, 5))  # no hash collisions
+    e = np.array(errs)
+    assert abs(e.mean()) < 0.01 and e.std() < 0.06, (e.mean(), e.std())  # theory: std ~ sqrt(J(1-J)/128) <= 0.044
+    assert (s.signature(a) == Signer(128, 5, 1234).signature(a)).all()  # deterministic for a seed
+    assert not (s.signature(a) == Signer(128, 5, 99).signature(a)).all()
+    assert len(s.shingle_hashes("one two")) == 1 and len(s.shingle_hashes("!!!")) == 1
+
+
+def test_lsh_bands_match_datasketch():
+    from datasketch.lsh import _optimal_param
+
+    from tasks.dedup import lsh_bands
+
+    for n in (32, 128, 256):
+        for t in (0.5, 0.7, 0.8, 0.9):
+            assert lsh_bands(t, n) == _optimal_param(t, n, 0.1, 0.9), (t, n)
+
+
+# ------------------------------------------------------------------ fast paths = the plain rules
+def _normalize_plain(text: str, form: str, code: bool) -> str:
+    import re
+    import unicodedata
+
+    text = unicodedata.normalize(form, text).replace("\r\n", "\n").replace("\r", "\n")
+    text = text.translate(dict.fromkeys(map(ord, "\u200b\u200c\u200d\u2060\ufeff\u00ad"), None))
+    text = re.sub(r"[\x00-\x08\x0b\x0c\x0e-\x1f\x7f-\x9f]", "", text)
+    if code:
+        return "\n".join(ln.rstrip() for ln in text.split("\n"))
+    return "\n".join(re.sub(r"[ \t\u00a0\u2000-\u200a\u202f\u205f\u3000]+", " ", ln).strip() for ln in text.split("\n"))
+
+
+TRICKY = [
+    "plain words only", "  lead and trail  \n\n  x  ", "tabs\tand  \t spaces \t\nnext\t", "crlf\r\nline\rold mac\r",
+    "nbsp\u00a0here\u2003em\u3000ideo", "sep\u2028line\u2029para \x85nel", "ctrl\x00\x07\x1b\x7f\x9fgone \x0b\x0c",
+    "zero\u200bwidth\ufeff soft\u00adhyphen", "ﬁ ligature ① Ｆｕｌｌ", "caf\u0065\u0301 e\u0301", " \n \n ", "",
+    "code:\n    indented  \n\treturn x\t \n", "x \u00a0\ny\u00a0 \n z ", "°C 180 — 5 min\t½ cup",
+]
+
+
+@pytest.mark.parametrize("text", TRICKY)
+def test_normalize_fast_paths_equal_the_plain_rules(text):
+    from tasks.clean import normalize_text
+
+    for form in ("NFC", "NFKC"):
+        for code in (False, True):
+            assert normalize_text(text, form, code) == _normalize_plain(text, form, code), (form, code)
+
+
+@pytest.mark.parametrize("text", [
+    "call +44 20 7946 0958 now", "tel.0301234567x", "(030) 1234-5678.", "a 555.123.4567,9", "12 34 56 78 90 12 34 56",
+    "٠٣٠ ١٢٣٤ ٥٦٧٨ arabic digits", "x-555-123-4567", "v1.2.3.4.5.6.7", "born 2024-01-15 or 15/01/2024, 1 2 3 4 5 6 7",
+    "edge 555-123-4567", "555-123-4567 edge", "+1 (555) 123-4567; +33 1 23 45 67 89 and 0044 20 7946 0958",
+    "call 5551234  5551234 x 555-1234x555-1234", "mail a.b@ex.org, 0301234567 ",
+])
+def test_phone_windows_equal_the_whole_text_regex(text):
+    from tasks.clean import _PHONE_RE, PHONE, _phone_or_not, scrub_pii
+
+    want = _PHONE_RE.sub(_phone_or_not, text)
+    out, _, n = scrub_pii(text)
+    assert out.replace("[EMAIL]", "") == want.replace("[EMAIL]", "") or "@" in text
+    if "@" not in text:
+        assert out == want and n == want.count(PHONE)
+
+
+@pytest.mark.parametrize("text", TRICKY + ["αβγ 123 ٣ ½ ² _x_ $€£ ¬ ©® ™ ∑ #*@&{}|~^`<>=", "a" * 300])
+def test_char_counts_equal_the_regex_counts(text):
+    import re
+    import unicodedata
+
+    from tasks.clean import _SYMBOL_CHARS, char_counts
+
+    sym = sum(1 for ch in text if not ch.isalnum() and not ch.isspace()
+              and (ch in _SYMBOL_CHARS or unicodedata.category(ch)[0] == "S"))
+    want = (len(re.findall(r"[^\W\d_]", text)), len(re.findall(r"\d", text)), len(re.findall(r"\s", text)), sym)
+    assert char_counts(text) == want
+
+
+def test_forced_partitions_give_the_same_output(tmp_path):
+    rows, _ = corpus(seed=4)
+    for d in ("p1", "p5"):
+        write_extracted(tmp_path / d, [dict(r) for r in rows])
+    cfg = {"clean": {"min_chars": 50, "max_chars": 2000}}
+    m1 = run_clean(make_cfg(tmp_path / "p1", **cfg), dedup_partitions=1)
+    m5 = run_clean(make_cfg(tmp_path / "p5", **cfg), dedup_partitions=5)
+    assert m1["counts"] == m5["counts"] and m1["counts"]["rejects_by_reason"]["near_duplicate"] >= 1
+    assert {k: v for k, v in m1["files"].items() if k != "config.yaml"} == \
+        {k: v for k, v in m5["files"].items() if k != "config.yaml"}
