@@ -211,6 +211,12 @@ class TokenizeConfig(Section):
     shuffle_bucket_rows: int = Field(
         default=32768, ge=1, description="Rows held in memory at once by the two-pass shuffle (bounds its memory)."
     )
+    token_cache: bool = Field(
+        default=True, description="Keep every document's ids in <data_root>/tokcache/ so mix and tokenize (and re-runs) "
+        "encode a text once per tokenizer; False encodes everything each time (same output).")
+    cache_segment_tokens: int = Field(
+        default=1 << 24, ge=1, le=1 << 30,
+        description="Token ids buffered per new token-cache segment file (bounds the cache writer's memory: 2 or 4 bytes each).")
 
 
 class DaskConfig(Section):

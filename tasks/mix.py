@@ -3,8 +3,8 @@
 Reads ``split/train/<category>.parquet``, counts each document's tokens with the model's tokenizer
 (``n_tokens`` = ids without special tokens + 1 for the EOS the packer appends), and writes
 ``mix/train/<category>.parquet`` with one row per selected document: doc_id, category, text,
-n_tokens, repeat (the tokenize stage emits the document ``repeat`` times). The eval split is not
-mixed: every category keeps its own held-out stream.
+n_tokens, repeat (the tokenize stage emits the document ``repeat`` times), text_hash (the token
+cache key of its ids). The eval split is not mixed: every category keeps its own held-out stream.
 
 Budget. With ``mix.total_tokens`` set, T is that. Otherwise T is automatic:
 
@@ -32,6 +32,12 @@ selected; it is listed in ``mix/quarantine.parquet`` (file, row, reason) and cou
 ``documents in = available + quarantined`` per category. Token counting is the expensive part (a
 full tokenization): it runs in ``tokenize.workers`` processes, or on Dask workers when an executor
 is given, with results taken in order, so the plan is the same however it ran.
+
+Token cache: counting exactly means encoding, so the ids are kept (``tasks.tokenize.TokenCache``,
+``<root>/tokcache/``) keyed by the text's hash, and only texts the cache lacks are encoded: the
+tokenize stage packs from the kept ids (each output row names them by ``text_hash``) and a re-run
+after a re-scrape encodes only new or changed documents. Entries the current split no longer holds
+are collected at the end of the stage.
 """
 
 from __future__ import annotations
@@ -51,13 +57,13 @@ from prefect import task
 
 from tasks.config import CATEGORIES, PipelineConfig, config_from_dict, dump_resolved, load_config
 from tasks.manifest import Stage, require_manifest
-from tasks.textio import CategoryWriters, Progress, category_files, dask_executor, iter_batches, num_rows, ordered_map
+from tasks.textio import CategoryWriters, Progress, category_files, dask_executor, iter_batches, num_rows
 
 log = logging.getLogger("tasks.mix")
 
 OUT_SCHEMA = pa.schema(
     [("doc_id", pa.string()), ("category", pa.string()), ("text", pa.string()),
-     ("n_tokens", pa.int64()), ("repeat", pa.int32())]
+     ("n_tokens", pa.int64()), ("repeat", pa.int32()), ("text_hash", pa.binary(16))]
 )
 
 
@@ -190,22 +196,39 @@ def format_table(report: dict[str, CategoryMix], totals: dict[str, Any]) -> str:
 
 
 # ------------------------------------------------------------------------------- the stage
-def count_job(job) -> list[int]:
-    """Worker entry point: tokens (+ EOS) per text of one batch."""
+def count_job(job) -> tuple[np.ndarray, np.ndarray]:
+    """Worker entry point: encode one batch of texts the token cache lacks; (ids per text, all ids
+    concatenated), two arrays instead of one per text, which is cheaper to send back from a worker."""
     from tasks.tokenize import encode_job
 
-    return [len(ids) + 1 for ids in encode_job(job)]
+    ids = encode_job(job)
+    lengths = np.fromiter((len(a) for a in ids), np.int64, len(ids))
+    return lengths, (np.concatenate(ids) if ids else np.zeros(0, np.uint32))
 
 
 QUARANTINE_SCHEMA = pa.schema([("category", pa.string()), ("file", pa.string()), ("row", pa.int64()),
                                ("doc_id", pa.string()), ("reason", pa.string())])
 
 
-def _measure(path: Path, cat: str, counter, seed: int, quarantine: list[dict]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """(n_tokens, order keys, usable mask) per row of one category file; bad rows are quarantined."""
-    n_tok: list[int] = []
+@dataclass
+class Measured:
+    """Per row of one split/train file."""
+
+    n_tokens: np.ndarray  # ids + 1 (EOS); 0 for a bad row
+    order: np.ndarray  # selection-order keys
+    ok: np.ndarray  # usable (not quarantined)
+    text_keys: np.ndarray  # (rows, 16) token-cache keys; zeros for a bad row
+
+
+def _measure(path: Path, cat: str, scope, encode, seed: int, quarantine: list[dict]) -> Measured:
+    """Count tokens per row of one category file: cached ids' lengths, and the misses encoded (by
+    ``encode``, in order) and added to the cache; bad rows are quarantined."""
+    from tasks.tokenize import KEY_BYTES, text_keys
+
+    n_tok: list[np.ndarray] = []
     keys: list[int] = []
     ok: list[bool] = []
+    tkeys: list[np.ndarray] = []
     prog = Progress(log, f"mix: counting tokens in {cat}", num_rows(path))
 
     def batches():
@@ -221,23 +244,42 @@ def _measure(path: Path, cat: str, counter, seed: int, quarantine: list[dict]) -
                         log.warning("mix: %s row %d: %s; not selected (quarantined)", path, row0 + r, reason)
                     quarantine.append({"category": cat, "file": "/".join(path.parts[-3:]), "row": row0 + r,
                                        "doc_id": d["doc_id"][r], "reason": reason})
-            yield (d["doc_id"], good), [t for t, g in zip(d["text"], good) if g]
+            texts = [t for t, g in zip(d["text"], good) if g]
+            k = text_keys(texts)
+            seg, row = scope.lookup(k)
+            miss = np.flatnonzero(seg < 0)
+            yield (d["doc_id"], good, k, seg, row, miss), [texts[i] for i in miss]
             row0 += batch.num_rows
 
-    for (doc_ids, good), counts in counter(batches()):
-        it = iter(counts)
-        n_tok.extend(next(it) if g else 0 for g in good)
+    for (doc_ids, good, k, seg, row, miss), enc in encode(batches()):
+        n = np.zeros(len(k), np.int64)
+        hit = seg >= 0
+        n[hit] = scope.n_ids(seg[hit], row[hit]) + 1
+        if len(miss):
+            lengths, flat = enc
+            n[miss] = lengths + 1
+            scope.add(k[miss], np.split(flat, np.cumsum(lengths)[:-1]))
+        mask = np.asarray(good, dtype=bool)
+        full = np.zeros(len(good), np.int64)
+        full[mask] = n
+        fk = np.zeros((len(good), KEY_BYTES), np.uint8)
+        fk[mask] = k
+        n_tok.append(full)
+        tkeys.append(fk)
         keys.extend(order_key(seed, str(x)) for x in doc_ids)
         ok.extend(good)
         prog.update(len(good))
-    return np.asarray(n_tok, dtype=np.int64), np.asarray(keys, dtype=np.uint64), np.asarray(ok, dtype=bool)
+    return Measured(np.concatenate(n_tok) if n_tok else np.zeros(0, np.int64), np.asarray(keys, dtype=np.uint64),
+                    np.asarray(ok, dtype=bool),
+                    np.concatenate(tkeys) if tkeys else np.zeros((0, KEY_BYTES), np.uint8))
 
 
 def run_mix(cfg: PipelineConfig, tokenizer=None, workers: int | None = None, executor=None) -> dict[str, Any]:
     """Plan and write ``<root>/mix/train``; ``tokenizer`` defaults to the model's (``get_tokenizer``).
-    Token counting runs in ``workers`` processes (default ``tokenize.workers``) or on ``executor``."""
+    Token counting runs in ``workers`` processes (default ``tokenize.workers``) or on ``executor``;
+    the ids it yields go into the token cache for the tokenize stage (and later runs)."""
     from tasks.model import tokenizer_fingerprint
-    from tasks.tokenize import Encoder, tokenizer_ref
+    from tasks.tokenize import TokenCache, keys_array, ordered_encode, register_encoder, tokenizer_ref
 
     split_m = require_manifest(cfg.root / "split", "split")
     tok = tokenizer if tokenizer is not None else get_tokenizer(cfg)
@@ -248,17 +290,13 @@ def run_mix(cfg: PipelineConfig, tokenizer=None, workers: int | None = None, exe
         log.info("mix: up to date (%s)", stage.out_dir)
         return m
     workers = cfg.tokenize.workers if workers is None else workers
+    ref = tokenizer_ref(tok, tok_fp, cfg.root / "models" / "tokenizers")
     if workers <= 1 and executor is None:
-        enc = Encoder(tok=tok)
+        register_encoder(ref, tok)
+    cache = TokenCache(cfg.root, tok_fp, len(tok), cfg.tokenize.cache_segment_tokens, cfg.tokenize.token_cache)
 
-        def counter(batches):
-            for ctx, texts in batches:
-                yield ctx, [len(ids) + 1 for ids in enc(texts)]
-    else:
-        ref = tokenizer_ref(tok, tok_fp, cfg.root / "models" / "tokenizers")
-
-        def counter(batches):
-            return ordered_map(count_job, ((ctx, (ref, texts)) for ctx, texts in batches), workers, executor=executor)
+    def encode(batches):
+        return ordered_encode(count_job, ref, batches, workers, executor)
 
     split_dir = cfg.root / "split" / "train"
     files = category_files(split_dir)
@@ -269,17 +307,23 @@ def run_mix(cfg: PipelineConfig, tokenizer=None, workers: int | None = None, exe
                 quarantine.append({"category": p.stem, "file": "/".join(p.parts[-3:]), "row": row0,
                                    "doc_id": batch.column("doc_id")[0].as_py(), "reason": "unknown category"})
             log.warning("mix: %s is not one of the categories %s; its rows are quarantined", p, list(CATEGORIES))
-    measured3 = {cat: _measure(p, cat, counter, cfg.seed, quarantine) for cat, p in files.items()}
-    measured = {cat: (n, k) for cat, (n, k, _) in measured3.items()}
+    measured3: dict[str, Measured] = {}
+    for cat, p in files.items():
+        scope = cache.scope("train", cat)
+        measured3[cat] = got = _measure(p, cat, scope, encode, cfg.seed, quarantine)
+        scope.gc(got.text_keys[got.ok])  # what the current split no longer has is dropped from the cache
+        scope.flush()
+    cache.prune("train", files)
+    measured = {cat: (m.n_tokens, m.order) for cat, m in measured3.items()}
     report, repeats, totals = plan(measured, cfg.mix.ratios, cfg.mix.total_tokens, cfg.mix.max_repeat)
-    for cat, (_, _, ok) in measured3.items():  # a zero-token bad row costs nothing to "select": never write it
+    for cat, m in measured3.items():  # a zero-token bad row costs nothing to "select": never write it
         if cat in repeats:
-            repeats[cat][~ok] = 0
+            repeats[cat][~m.ok] = 0
     totals["quarantined"] = len(quarantine)
     with stage.building() as work:
         with CategoryWriters(work / "train") as out:
             for cat, path in files.items():
-                rep, n_tok = repeats.get(cat), measured[cat][0]
+                rep, n_tok, tkeys = repeats.get(cat), measured3[cat].n_tokens, measured3[cat].text_keys
                 if rep is None or not rep.any():
                     continue
                 row = 0
@@ -292,7 +336,8 @@ def run_mix(cfg: PipelineConfig, tokenizer=None, workers: int | None = None, exe
                              pa.array([cat] * len(idx), pa.string()),
                              batch.column("text").take(pa.array(idx)).cast(pa.string()),
                              pa.array(n_tok[row + idx], pa.int64()),
-                             pa.array(r[idx], pa.int32())],
+                             pa.array(r[idx], pa.int32()),
+                             keys_array(tkeys[row + idx])],
                             schema=OUT_SCHEMA))
                     row += batch.num_rows
         counts = {"categories": {c: asdict(r) for c, r in report.items()}, "total": totals}
@@ -301,7 +346,7 @@ def run_mix(cfg: PipelineConfig, tokenizer=None, workers: int | None = None, exe
         (work / "report.txt").write_text(table + "\n", encoding="utf-8")
         dump_resolved(cfg, work / "config.yaml")
         m = stage.manifest(work, counts, tokenizer_fingerprint=tok_fp, report=str(stage.out_dir / "report.txt"),
-                           tokenizer=getattr(tok, "name_or_path", type(tok).__name__))
+                           tokenizer=getattr(tok, "name_or_path", type(tok).__name__), token_cache=cache.stats())
     log.info("mix: target vs achieved (tokens)\n%s", table)
     short = {c: r.shortfall_tokens for c, r in report.items() if r.shortfall_tokens}
     if short:

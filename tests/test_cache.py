@@ -116,3 +116,28 @@ def test_force_reruns_exactly_the_named_stages(world):
     # split re-ran with the same inputs, so its fingerprint and mix's inputs are unchanged: mix skips
     assert run_mix(cfg)["created_at"] == json.loads((root / "mix" / "manifest.json").read_text())["created_at"]
     assert _created(root / "mix") == mix_before
+
+
+def test_forced_mix_and_tokenize_encode_nothing_again(world):
+    """The token cache outlives the stage outputs: re-running mix and tokenize (forced) on the real
+    tokenizer reads every document's ids back, encodes none, and writes the same shards."""
+    from flows.pipeline import invalidate
+    from tasks.config import load_config
+    from tasks.mix import run_mix
+    from tasks.tokenize import Encoder, run_tokenize
+
+    p, config = world
+    cfg = load_config(config)
+    run_mix(cfg)
+    before = run_tokenize(cfg)  # up to date for this config (or made so)
+    out = p.root / "tokenized" / before["tokenizer_fingerprint"][:16]
+    stamps = _created(p.root / "mix"), _created(out)
+    assert len(invalidate(cfg, {"mix", "tokenize"})) == 2
+    n0 = Encoder.texts_encoded
+    mix_m = run_mix(cfg)
+    after = run_tokenize(cfg)
+    assert Encoder.texts_encoded == n0
+    assert mix_m["token_cache"]["encoded"] == 0 and mix_m["token_cache"]["cached"] > 0
+    assert after["token_cache"]["encoded"] == 0 and after["token_cache"]["cached"] > 0
+    assert _created(p.root / "mix") != stamps[0] and _created(out) != stamps[1]  # both ran again
+    assert after["files"] == before["files"]
