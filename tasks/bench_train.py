@@ -3,18 +3,23 @@
     # once, on any machine: Tekken-tokenized demo text packed by this project's own packer
     python -m tasks.bench_train prepare-data --out .benchdata/tekken-2048 --seq-len 2048
     # on an H200: the exact Mistral-Small-24B-Instruct architecture, random weights
-    python -m tasks.bench_train run --arch mistral-small-24b --data .benchdata/tekken-2048
+    python -m tasks.bench_train run --arch mistral-small-24b --data .benchdata/tekken-2048 \
+        --paths seed,project,project+varlen,project+varlen+fastlora,speed,lowmem
     # on a CPU, the demo model (anyone can run this)
     python -m tasks.bench_train run --arch smollm2-135m --batch 2 --seq-len 512
 
-Both paths load the same checkpoint through the real ``from_pretrained`` + ``BitsAndBytesConfig``
-path (NF4, double quant, bf16 compute), train LoRA r32/a64/d0.05 on q,k,v with PagedAdamW8bit on
-the same batches, and report tokens/s, MFU, peak memory and the loss of their first batch.
+Every row loads the same checkpoint afresh through the real ``from_pretrained`` +
+``BitsAndBytesConfig`` path (NF4, double quant, bf16 compute), trains LoRA r32/a64/d0.05 on q,k,v
+with PagedAdamW8bit on the same batches (per batch size), and reports tokens/s, MFU, peak memory
+and the loss of its first and last step, all rows side by side in one table:
 
 - seed: ``prepare_model_for_kbit_training`` (fp32 up-casting, reentrant full recompute) + PEFT, as
   in the seed's notebook; plain causal batches (attention crosses document boundaries).
-- project: what ``tasks/train.py`` runs: bf16 everywhere, non-reentrant gradient checkpointing,
-  packed rows with per-document position ids (attention stays inside documents).
+- project: ``tasks/train.py`` with the fast path off: bf16 everywhere, non-reentrant gradient
+  checkpointing, packed rows with per-document attention through transformers' SDPA mask.
+- project+<switch>...: one lever at a time (``--paths project+varlen,project+varlen+fastlora``);
+- speed / lowmem: the two operating points of issue 6 (``PRESETS``), i.e. tasks/train.py with
+  ``train.gradient_checkpointing=false train.micro_batch_size=4`` / ``train.activation_offload=true``.
 
 FLOP convention (MFU): a frozen base does no weight-gradient work, so a token costs about
 2N (forward) + 2N (input gradients) = 4N FLOPs plus attention (3 x 2 x seq x heads x head_dim per
@@ -156,7 +161,7 @@ def batches(data: Path | None, cfg, batch: int, seq_len: int, n: int, seed: int 
     return [{"input_ids": x, "labels": x.clone(), "position_ids": torch.arange(seq_len).expand(batch, -1).clone()} for x in ids]
 
 
-def run_path(name: str, model, data, steps: int, warmup: int, lr: float, device) -> dict:
+def run_path(name: str, model, data, steps: int, warmup: int, lr: float, device, seed_collator: bool = False) -> dict:
     import bitsandbytes as bnb
     import torch
 
@@ -169,7 +174,7 @@ def run_path(name: str, model, data, steps: int, warmup: int, lr: float, device)
     losses, times = [], []
     for s in range(warmup + steps):
         b = data[s % len(data)]
-        if name.startswith("seed"):  # the notebook's collator: plain causal LM batches, no document boundaries
+        if seed_collator:  # the notebook's collator: plain causal LM batches, no document boundaries
             b = {"input_ids": b["input_ids"], "labels": b["input_ids"]}
         b = {k: v.to(device) for k, v in b.items()}
         t0 = time.perf_counter()
@@ -188,17 +193,71 @@ def run_path(name: str, model, data, steps: int, warmup: int, lr: float, device)
     tokens = data[0]["input_ids"].numel()
     times.sort()
     med = times[len(times) // 2]
-    peak = torch.cuda.max_memory_allocated() / 2**30 if device.type == "cuda" else float("nan")
+    cuda = device.type == "cuda"
+    peak = torch.cuda.max_memory_allocated() / 2**30 if cuda else float("nan")
+    reserved = torch.cuda.max_memory_reserved() / 2**30 if cuda else float("nan")
     del opt
-    return {"path": name, "tokens_per_s": tokens / med, "step_s_median": med, "peak_gib": peak,
-            "first_loss": losses[0], "losses": losses}
+    return {"path": name, "batch": data[0]["input_ids"].shape[0], "tokens_per_s": tokens / med, "step_s_median": med,
+            "peak_gib": peak, "reserved_gib": reserved, "first_loss": losses[0], "last_loss": losses[-1],
+            "losses": losses}
 
 
-def lora_cfg():
+def lora_cfg(dropout: float = 0.05):
     from peft import LoraConfig
 
-    return LoraConfig(r=32, lora_alpha=64, lora_dropout=0.05, target_modules=["q_proj", "k_proj", "v_proj"],
+    return LoraConfig(r=32, lora_alpha=64, lora_dropout=dropout, target_modules=["q_proj", "k_proj", "v_proj"],
                       bias="all", task_type="CAUSAL_LM")
+
+
+# Rows of the table. A row is a base path plus modifiers and a batch: "project+liger+varlen@4".
+#   seed         the seed notebook (prepare_model_for_kbit_training, fp32 up-cast, reentrant recompute,
+#                unpacked batches)
+#   project      tasks/train.py with every fast-path switch off: bf16, non-reentrant recompute, packed
+#                rows through transformers' SDPA with a per-document mask, PEFT's LoRA forward
+#   +liger       liger-kernel RoPE/RMSNorm/SwiGLU/fused linear cross-entropy  (train.liger_kernel)
+#   +varlen      varlen flash attention over the documents                       (train.attention=varlen)
+#   +fastlora    the fused NF4+LoRA autograd function                            (train.fast_lora)
+#   +norecompute no gradient checkpointing                                       (train.gradient_checkpointing=false)
+#   +ckptN       recompute only the first N decoder layers                       (train.recompute_layers=N)
+#   +offload     checkpoint inputs in pinned CPU memory                          (train.activation_offload)
+#   +drop0       LoRA dropout 0 instead of the recipe's 0.05 (Unsloth's fast path needs 0)
+# The two operating points of issue 6:
+PRESETS = {
+    "speed": "project+liger+varlen+fastlora+norecompute@4",
+    "lowmem": "project+liger+varlen+fastlora+offload",
+}
+MODS = ("liger", "varlen", "fastlora", "norecompute", "offload")
+
+
+def parse_row(spec: str, default_batch: int, project_mods: list[str]) -> dict:
+    label = spec
+    base, _, batch = spec.partition("@")
+    parts = base.split("+")
+    if parts[0] in PRESETS:
+        pb, _, pbatch = PRESETS[parts[0]].partition("@")
+        parts = pb.split("+") + parts[1:]
+        batch = batch or pbatch
+    if parts[0] not in ("seed", "project"):
+        raise ValueError(f"row {spec!r}: starts with seed, project or one of {sorted(PRESETS)}")
+    mods = parts[1:] + (project_mods if parts[0] == "project" and label == "project" else [])
+    row = {"label": label if label != "project" or not project_mods else "+".join(["project", *project_mods]),
+           "seed": parts[0] == "seed", "batch": int(batch) if batch else default_batch,
+           "liger": False, "varlen": False, "fastlora": False, "recompute": True, "recompute_layers": None,
+           "offload": False, "dropout": None}
+    for m in mods:
+        if m in ("liger", "varlen", "fastlora", "offload"):
+            row[m] = True
+        elif m == "drop0":
+            row["dropout"] = 0.0
+        elif m == "norecompute":
+            row["recompute"] = False
+        elif m.startswith("ckpt") and m[4:].isdigit():
+            row["recompute"], row["recompute_layers"] = True, int(m[4:])
+        else:
+            raise ValueError(f"row {spec!r}: unknown modifier {m!r} (known: {', '.join(MODS)}, drop0, ckptN)")
+    if row["seed"] and any(row[k] for k in ("liger", "varlen", "fastlora", "offload")):
+        raise ValueError(f"row {spec!r}: the seed path takes no modifiers")
+    return row
 
 
 def run(args) -> None:
@@ -206,6 +265,7 @@ def run(args) -> None:
     from peft import get_peft_model, prepare_model_for_kbit_training
     from transformers import AutoModelForCausalLM, BitsAndBytesConfig
 
+    from tasks import fastpath
     from tasks.model import disable_cpu_inference_repack, quiet_libraries
 
     quiet_libraries()
@@ -216,58 +276,92 @@ def run(args) -> None:
     t0 = time.time()
     write_random_checkpoint(cfg, ckpt)
     print(f"checkpoint ready in {time.time() - t0:.0f}s: {ckpt}", flush=True)
-    if args.liger:
-        # fused RoPE, RMSNorm, SwiGLU and linear+cross-entropy (no 131k-vocab logits in memory)
-        from liger_kernel.transformers import apply_liger_kernel_to_llama, apply_liger_kernel_to_mistral
-
-        apply = apply_liger_kernel_to_mistral if cfg.model_type == "mistral" else apply_liger_kernel_to_llama
-        apply(rope=True, rms_norm=True, swiglu=True, cross_entropy=False, fused_linear_cross_entropy=True)
+    project_mods = [m for m, on in (("liger", args.liger), ("varlen", args.varlen), ("fastlora", args.fast_lora),
+                                    ("norecompute", args.no_recompute), ("offload", args.offload)) if on]
+    if args.recompute_layers is not None:
+        project_mods.append(f"ckpt{args.recompute_layers}")
+    rows = [parse_row(p, args.batch, project_mods) for p in args.paths.split(",") if p]
+    if not cuda:  # liger's kernels and offloading need CUDA: on a CPU the presets run without them
+        for row in rows:
+            if row["liger"] or row["offload"]:
+                row["liger"] = row["offload"] = False
+                row["label"] += " (CPU: no liger/offload)"
     q = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
                            bnb_4bit_compute_dtype=torch.bfloat16)
-    t0 = time.time()
-    model = AutoModelForCausalLM.from_pretrained(str(ckpt), quantization_config=q, dtype=torch.bfloat16,
-                                                 device_map={"": 0} if cuda else None,
-                                                 attn_implementation=args.attn)
-    disable_cpu_inference_repack(model)
-    print(f"loaded NF4 in {time.time() - t0:.0f}s; GPU memory {torch.cuda.memory_allocated() / 2**30:.1f} GiB" if cuda
-          else f"loaded NF4 in {time.time() - t0:.0f}s", flush=True)
-    data = batches(Path(args.data) if args.data else None, cfg, args.batch, args.seq_len, args.steps + args.warmup)
     fpt = flops_per_token(cfg, args.seq_len)
-    results = []
-    paths = args.paths.split(",")
-    # the project path first: the seed's prepare_model_for_kbit_training up-casts the base in place
-    if "project" in paths:
-        model.config.use_cache = False
-        if not args.no_recompute:
-            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-            model.enable_input_require_grads()
-        torch.manual_seed(0)
-        pm = get_peft_model(model, lora_cfg())
-        label = "project" + ("+liger" if args.liger else "") + ("-norecompute" if args.no_recompute else "")
-        results.append(run_path(label, pm, data, args.steps, args.warmup, 2e-4, device))
-        model = pm.unload()
-        del pm
+    data_by_batch: dict[int, list] = {}
+    results: dict[str, dict] = {}
+    if cuda and any(r["varlen"] for r in rows):
+        fn = fastpath.varlen_kernel()
+        print(f"varlen kernel: {'none in this torch' if fn is None else fn.__module__ + '.varlen_attn'}", flush=True)
+    # liger patches the model classes for good: every row without it runs first
+    liger_applied = False
+    for row in sorted(rows, key=lambda r: r["liger"]):
+        if row["batch"] not in data_by_batch:
+            data_by_batch[row["batch"]] = batches(Path(args.data) if args.data else None, cfg, row["batch"],
+                                                  args.seq_len, args.steps + args.warmup)
+        print(f"== {row['label']} (batch {row['batch']})", flush=True)
+        pm = model = None
+        try:
+            if row["liger"] and not liger_applied:
+                from liger_kernel.transformers import _apply_liger_kernel
+
+                _apply_liger_kernel(cfg.model_type, rope=True, rms_norm=True, swiglu=True, cross_entropy=False,
+                                    fused_linear_cross_entropy=True)
+                liger_applied = True
+            t0 = time.time()
+            model = AutoModelForCausalLM.from_pretrained(
+                str(ckpt), quantization_config=q, dtype=torch.bfloat16, device_map={"": 0} if cuda else None,
+                attn_implementation=fastpath.register_attention() if row["varlen"] else args.attn)
+            disable_cpu_inference_repack(model)
+            print(f"  loaded NF4 in {time.time() - t0:.0f}s" + (f"; GPU memory {torch.cuda.memory_allocated() / 2**30:.1f} GiB"
+                                                              if cuda else ""), flush=True)
+            if row["seed"]:
+                model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=True)
+            else:
+                fp = fastpath.FastPath(attention="varlen" if row["varlen"] else "sdpa", liger=row["liger"],
+                                       fast_lora=row["fastlora"], recompute=row["recompute"],
+                                       recompute_layers=row["recompute_layers"], offload=row["offload"] and cuda)
+                fastpath.prepare_base(model, fp)
+            torch.manual_seed(0)
+            pm = get_peft_model(model, lora_cfg(args.lora_dropout if row["dropout"] is None else row["dropout"]))
+            if not row["seed"]:
+                fastpath.prepare_peft(pm, fp)
+            r = run_path(row["label"], pm, data_by_batch[row["batch"]], args.steps, args.warmup, 2e-4, device,
+                         seed_collator=row["seed"])
+            off = getattr(model, "_d2a_offload", None)
+            if off is not None:
+                r["offloaded_gib"] = off.bytes_offloaded / 2**30
+            results[row["label"]] = r
+        except Exception as e:  # noqa: BLE001 - one failing row (out of memory, say) must not lose the others
+            print(f"  {row['label']} failed: {type(e).__name__}: {str(e)[:400]}", flush=True)
+            results[row["label"]] = {"path": row["label"], "batch": row["batch"], "error": f"{type(e).__name__}: {e}"}
+        del pm, model
         gc.collect()
-        torch.cuda.empty_cache() if cuda else None
-    if "seed" in paths:
-        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=True)
-        torch.manual_seed(0)
-        pm = get_peft_model(model, lora_cfg())
-        results.append(run_path("seed", pm, data, args.steps, args.warmup, 2e-4, device))
+        if cuda:
+            torch.cuda.empty_cache()
     print()
-    print(f"arch {args.arch} ({cfg.num_hidden_layers} layers), batch {args.batch} x {args.seq_len}, "
+    print(f"arch {args.arch} ({cfg.num_hidden_layers} layers), seq {args.seq_len}, LoRA dropout {args.lora_dropout}, "
           f"{'GPU ' + torch.cuda.get_device_name(0) if cuda else 'CPU'}, {fpt / 1e9:.1f} GFLOP/token (4N + attention)")
-    print(f"{'path':<28}{'tokens/s':>10}{'MFU(989)':>10}{'MFU(790)':>10}{'peak GiB':>10}{'loss@0':>9}")
-    for r in results:
+    print(f"{'path':<46}{'batch':>6}{'tokens/s':>10}{'MFU(989)':>10}{'MFU(790)':>10}{'peak GiB':>10}"
+          f"{'rsv GiB':>9}{'loss@0':>9}{'loss@end':>9}")
+    out = []
+    for row in rows:
+        r = results[row["label"]]
+        out.append(r)
+        if "error" in r:
+            print(f"{r['path']:<46}{r['batch']:>6}  {r['error'][:90]}")
+            continue
         r["mfu_peak"] = r["tokens_per_s"] * fpt / PEAK_BF16
         r["mfu_measured"] = r["tokens_per_s"] * fpt / MEASURED_BF16
         mfu = f"{r['mfu_peak']:>10.1%}{r['mfu_measured']:>10.1%}" if cuda else f"{'-':>10}{'-':>10}"  # GPU peaks
-        print(f"{r['path']:<28}{r['tokens_per_s']:>10,.0f}{mfu}{r['peak_gib']:>10.1f}{r['first_loss']:>9.4f}")
+        print(f"{r['path']:<46}{r['batch']:>6}{r['tokens_per_s']:>10,.0f}{mfu}{r['peak_gib']:>10.1f}"
+              f"{r['reserved_gib']:>9.1f}{r['first_loss']:>9.4f}{r['last_loss']:>9.4f}")
     if args.out:
-        Path(args.out).write_text(json.dumps({"arch": args.arch, "layers": cfg.num_hidden_layers, "batch": args.batch,
-                                              "seq_len": args.seq_len, "flops_per_token": fpt, "results": results,
+        Path(args.out).write_text(json.dumps({"arch": args.arch, "layers": cfg.num_hidden_layers, "seq_len": args.seq_len,
+                                              "flops_per_token": fpt, "results": out,
                                               "device": torch.cuda.get_device_name(0) if cuda else "cpu",
-                                              "versions": {"torch": torch.__version__}}, indent=2))
+                                              "versions": {"torch": torch.__version__}}, indent=2, default=str))
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -284,12 +378,19 @@ def main(argv: list[str] | None = None) -> None:
     r.add_argument("--seq-len", type=int, default=2048)
     r.add_argument("--steps", type=int, default=4)
     r.add_argument("--warmup", type=int, default=1)
-    r.add_argument("--paths", default="project,seed")
+    r.add_argument("--paths", default="seed,project,speed,lowmem",
+                   help="comma-separated rows: seed | project | speed | lowmem, each optionally +liger +varlen "
+                        "+fastlora +norecompute +ckptN +offload and @batch (see PRESETS)")
     r.add_argument("--data", help="packed shards from prepare-data (default: random tokens)")
     r.add_argument("--ckpt-dir", default=os.environ.get("BENCH_CKPT_DIR", "/tmp/d2a-bench"))
     r.add_argument("--attn", default="sdpa")
     r.add_argument("--liger", action="store_true", help="liger-kernel: fused RoPE/RMSNorm/SwiGLU/linear-CE")
     r.add_argument("--no-recompute", action="store_true", help="project path without gradient checkpointing")
+    r.add_argument("--varlen", action="store_true", help="project path with varlen flash attention")
+    r.add_argument("--fast-lora", action="store_true", help="project path with the fused NF4+LoRA function")
+    r.add_argument("--offload", action="store_true", help="project path offloading checkpoint inputs to CPU")
+    r.add_argument("--recompute-layers", type=int, help="project path recomputing only the first N layers")
+    r.add_argument("--lora-dropout", type=float, default=0.05, help="the seed recipe's 0.05; 0 compares exactly")
     r.add_argument("--out", help="write the figures as JSON here")
     a = ap.parse_args(argv)
     if a.cmd == "prepare-data":

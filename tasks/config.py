@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 
@@ -332,12 +332,39 @@ class TrainConfig(Section):
     init_adapter: str | None = Field(
         default=None, description="Start LoRA from this adapter directory (e.g. the promoted one) instead of "
         "zeros; used by rescrape-and-retrain with schedule.continue_from_previous.")
-    liger_kernel: bool = Field(
-        default=False, description="Fused RoPE/RMSNorm/SwiGLU/linear-cross-entropy kernels (liger-kernel, CUDA only): "
-        "+13 % tokens/s and -18 GiB on Mistral-Small-24B (tasks/BENCH_NOTES.md).")
+    liger_kernel: bool | Literal["auto"] = Field(
+        default="auto", description="Fused RoPE/RMSNorm/SwiGLU/linear-cross-entropy kernels (liger-kernel, CUDA only): "
+        "+13 % tokens/s and -18 GiB on Mistral-Small-24B (tasks/BENCH_NOTES.md). auto = on with CUDA when installed.")
+    # -- the fast path (tasks/fastpath.py; measured in tasks/BENCH_NOTES.md)
+    attention: Literal["auto", "varlen", "sdpa"] = Field(
+        default="auto", description="Attention over packed rows. varlen: a variable-length flash kernel "
+        "(torch.nn.attention.varlen) over document boundaries read from the position ids, no mask; sdpa: "
+        "transformers' SDPA with a per-document 4D mask (which moves SDPA off its flash kernel). Both keep "
+        "attention inside documents. auto = varlen on CUDA when torch has it, else sdpa.")
+    fast_lora: bool = Field(
+        default=True, description="One autograd function per LoRA-wrapped 4-bit linear: saves the layer input "
+        "once (shared by q/k/v) instead of float32 and dropped copies per projection, and dequantizes the frozen "
+        "weight again in the backward. Same adapter layout; off under FSDP.")
+    recompute_layers: int | None = Field(
+        default=None, ge=0, description="With gradient_checkpointing: recompute only the first N decoder layers "
+        "(the others keep their activations: faster, more memory). None = every layer.")
+    activation_offload: bool = Field(
+        default=False, description="With gradient_checkpointing: keep the per-layer checkpoint inputs in pinned CPU "
+        "memory (asynchronous copies, prefetched one layer ahead in the backward): the low-memory setting. CUDA only.")
     deterministic: bool = Field(
         default=False, description="torch.use_deterministic_algorithms: bitwise-reproducible resume (slower on GPU)."
     )
+
+    @model_validator(mode="after")
+    def _recompute_switches(self) -> TrainConfig:
+        if not self.gradient_checkpointing:
+            if self.activation_offload:
+                raise ValueError("activation_offload offloads the inputs that gradient checkpointing keeps: "
+                                 "it needs gradient_checkpointing=true")
+            if self.recompute_layers is not None:
+                raise ValueError("recompute_layers selects which layers gradient checkpointing recomputes: "
+                                 "it needs gradient_checkpointing=true (or leave it unset)")
+        return self
 
 
 class EvaluateConfig(Section):

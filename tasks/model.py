@@ -167,8 +167,9 @@ def check_quantization(recorded: dict[str, Any], requested: QuantizationConfig, 
         )
 
 
-def load_base(base: str, cfg: ModelConfig, device_map: Any = None):
-    """Load the base model with the configured quantization (4-bit NF4 by default)."""
+def load_base(base: str, cfg: ModelConfig, device_map: Any = None, attn_implementation: str | None = None):
+    """Load the base model with the configured quantization (4-bit NF4 by default). attn_implementation:
+    None = transformers' default (SDPA); "d2a_varlen" = tasks/fastpath.py's varlen attention."""
     import torch
     from transformers import AutoModelForCausalLM
 
@@ -183,6 +184,12 @@ def load_base(base: str, cfg: ModelConfig, device_map: Any = None):
         kwargs["quantization_config"] = bnb_config(q)
     if device_map is not None:
         kwargs["device_map"] = device_map
+    if attn_implementation is not None:
+        if attn_implementation == "d2a_varlen":
+            from tasks.fastpath import register_attention
+
+            register_attention()
+        kwargs["attn_implementation"] = attn_implementation
     model = AutoModelForCausalLM.from_pretrained(base, **kwargs)
     disable_cpu_inference_repack(model)
     return model

@@ -601,6 +601,7 @@ def train_worker(run_dir: Path) -> int:
     from safetensors.torch import load_file
     from transformers import get_scheduler
 
+    from tasks import fastpath
     from tasks.evaluate import eval_losses, load_eval_sets
     from tasks.model import load_base, load_tokenizer, tokenizer_fingerprint
     from tasks.tokenize import DataPosition, PackedShards, check_tokenizer, collate
@@ -643,16 +644,19 @@ def train_worker(run_dir: Path) -> int:
     # loaded where accelerate/transformers put it and FSDP shards it.
     device_map = {"": acc.local_process_index} if torch.cuda.is_available() and not fsdp else None
     t_model = time.time()
-    if tc.liger_kernel:
+    # the fast path (tasks/fastpath.py): varlen attention, liger kernels, the fused LoRA function,
+    # selective recomputation / activation offload, as the train section switches them on this machine
+    fp = fastpath.resolve(tc, fsdp=fsdp)
+    if main:
+        print(f"fast path: {fp.describe()}", flush=True)
+    if fp.liger:
         apply_liger(inputs["base"])
-    model = load_base(inputs["base"], cfg.model, device_map=device_map)
-    model.config.use_cache = False
-    if tc.gradient_checkpointing:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-        model.enable_input_require_grads()
+    model = load_base(inputs["base"], cfg.model, device_map=device_map, attn_implementation=fp.attn_implementation)
+    fastpath.prepare_base(model, fp)
     lc = cfg.lora
     model = get_peft_model(model, LoraConfig(r=lc.r, lora_alpha=lc.alpha, lora_dropout=lc.dropout,
                                              target_modules=lc.target_modules, bias=lc.bias, task_type="CAUSAL_LM"))
+    fastpath.prepare_peft(model, fp)
 
     t_model = time.time() - t_model
     t_resume = time.time()
