@@ -43,7 +43,7 @@ clean-data:
 	rm -rf data/demo data/prefect
 
 # Training throughput, seed notebook path vs this project's path. The default runs the demo model on
-# the CPU; on an H200: make bench BENCH_ARGS="--arch mistral-small-24b --data .benchdata/tekken-2048"
+# the CPU; on an H200: make bench BENCH_ARGS="--arch mistral-small-24b --data .benchdata/tekken-2048 --paths seed,project,speed,lowmem"
 # (after: .venv/bin/python -m tasks.bench_train prepare-data).
 BENCH_ARGS ?= --arch smollm2-135m --batch 2 --seq-len 512 --steps 3
 bench: venv

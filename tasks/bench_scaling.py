@@ -93,14 +93,14 @@ def prepare(out: Path, demo_root: Path) -> None:
 
 
 def _config(data_root: Path, model: Path, world: int, micro: int, steps: int, run_name: str = "bench",
-            liger: bool = False, extra: dict | None = None):
+            liger: str = "auto", extra: dict | None = None):
     from tasks.config import load_config
 
     over = [f"data_root={data_root}", f"run_name={run_name}", f"model.name={model}", "model.tokenizer=null",
             "tokenize.seq_len=2048", "tokenize.rows_per_shard=1024", "tokenize.workers=1",
             f"train.num_processes={world}", f"train.micro_batch_size={micro}", "train.grad_accum=1",
             f"train.max_steps={steps}", "train.warmup_steps=0", f"train.save_every={10**6}",
-            f"train.eval_every={10**6}", f"train.liger_kernel={str(liger).lower()}", "tracking.tensorboard=false",
+            f"train.eval_every={10**6}", f"train.liger_kernel={liger}", "tracking.tensorboard=false",
             "tracking.wandb='off'"]
     if world > 1:
         over.append("train.accelerate_config=configs/accelerate/ddp.yaml")
@@ -167,8 +167,8 @@ def throughput(recs: list[dict], warmup: int) -> tuple[float, float]:
     return (b["tokens_seen"] - a["tokens_seen"]) / (b["time"] - a["time"]), max(r.get("gpu_peak_gib", 0) for r in steps)
 
 
-def run(data: Path, arch: str, gpus: list[int], micro: int, steps: int, warmup: int, liger: bool,
-        ckpt_root: Path, resume_at: list[int], tiny: bool = False) -> None:
+def run(data: Path, arch: str, gpus: list[int], micro: int, steps: int, warmup: int, liger: str,
+        ckpt_root: Path, resume_at: list[int], tiny: bool = False, extra: dict | None = None) -> None:
     import torch
 
     from tasks.bench_train import make_config, write_random_checkpoint
@@ -192,7 +192,7 @@ def run(data: Path, arch: str, gpus: list[int], micro: int, steps: int, warmup: 
     log = work / "workers.log"
     results: dict[int, tuple[float, float, dict]] = {}
     for g in gpus:
-        cfg = _config(work / "data", model, g, micro, steps, run_name=f"scale-{g}", liger=liger)
+        cfg = _config(work / "data", model, g, micro, steps, run_name=f"scale-{g}", liger=liger, extra=extra)
         run_dir, cmd, _ = prepare_run(cfg)
         ln = Launch(cmd, run_dir, log)
         ln.finish()
@@ -202,10 +202,10 @@ def run(data: Path, arch: str, gpus: list[int], micro: int, steps: int, warmup: 
         print(f"{g} GPU(s): {tps:,.0f} tokens/s ({tps / g:,.0f} per GPU), peak {peak:.1f} GiB", flush=True)
 
     g = max(gpus)
-    cfg = _config(work / "data", model, g, micro, 10**6, run_name=f"resume-{g}", liger=liger)
+    cfg = _config(work / "data", model, g, micro, 10**6, run_name=f"resume-{g}", liger=liger, extra=extra)
     run_dir, cmd, _ = prepare_run(cfg)
     launches = []
-    for at in [*resume_at, None]:
+    for at in [*resume_at, None] if resume_at else []:
         ln = Launch(cmd, run_dir, log)
         ck = latest_checkpoint(run_dir)
         first = ln.wait_step(1)
@@ -222,11 +222,14 @@ def run(data: Path, arch: str, gpus: list[int], micro: int, steps: int, warmup: 
             raise RuntimeError(f"preempted launch exited {rc}")
 
     print(f"\nbench_scaling: {arch}, micro-batch {micro} x 2048 per GPU, grad_accum 1, liger {liger}, "
-          f"{torch.cuda.get_device_name(0) if n_gpu else 'CPU'}")
+          f"{torch.cuda.get_device_name(0) if n_gpu else 'CPU'}" + (f", {extra}" if extra else ""))
     print(f"{'GPUs':>5}{'tokens/s':>12}{'per GPU':>10}{'scaling':>9}{'peak GiB':>10}{'model load s':>14}")
     base = results[min(gpus)][0] / min(gpus)
     for g2, (tps, peak, st) in results.items():
         print(f"{g2:>5}{tps:>12,.0f}{tps / g2:>10,.0f}{tps / base:>8.2f}x{peak:>10.1f}{st['model_load_s']:>14.1f}")
+    if not launches:
+        shutil.rmtree(work, ignore_errors=True)
+        return
     print(f"\nresume on {g} GPU(s): launch -> first optimizer step done")
     print(f"{'resumed from':<16}{'first step':>11}{'launch->step s':>16}{'model load s':>14}{'resume s':>10}"
           f"{'loop starts s':>15}{'step s':>8}{'beyond load s':>15}")
@@ -251,16 +254,21 @@ def main(argv: list[str] | None = None) -> None:
     r.add_argument("--micro-batch", type=int, default=4, help="rows of 2048 per GPU per step")
     r.add_argument("--steps", type=int, default=10)
     r.add_argument("--warmup", type=int, default=3, help="steps excluded from the throughput")
-    r.add_argument("--liger", action="store_true")
+    r.add_argument("--liger", choices=["auto", "true", "false"], default="auto",
+                   help="train.liger_kernel (auto: on with CUDA when installed)")
     r.add_argument("--tiny", action="store_true", help="a 2-layer, 64-wide model of the same vocabulary (CPU smoke test)")
     r.add_argument("--ckpt-root", type=Path, default=Path("/tmp/d2a-bench"))
-    r.add_argument("--resume-at", type=int, nargs="+", default=[3, 12],
-                   help="preempt when these steps are done (each relaunch resumes from the newest checkpoint)")
+    r.add_argument("--resume-at", type=int, nargs="*", default=[3, 12],
+                   help="preempt when these steps are done (each relaunch resumes from the newest checkpoint); "
+                        "none: skip the resume measurement")
+    r.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE",
+                   help="config overrides for every launch, e.g. train.gradient_checkpointing=false")
     a = ap.parse_args(argv)
     if a.cmd == "prepare":
         prepare(a.out, a.demo_root)
     else:
-        run(a.data, a.arch, a.gpus, a.micro_batch, a.steps, a.warmup, a.liger, a.ckpt_root, a.resume_at, a.tiny)
+        run(a.data, a.arch, a.gpus, a.micro_batch, a.steps, a.warmup, a.liger, a.ckpt_root, a.resume_at, a.tiny,
+            dict(kv.split("=", 1) for kv in a.set))
 
 
 if __name__ == "__main__":

@@ -590,6 +590,9 @@ def _watch_supervisor(stop: dict[str, bool]) -> None:
 
 # ---------------------------------------------------------------------------------- the loop
 def train_worker(run_dir: Path) -> int:
+    # read by the CUDA caching allocator at its first allocation: growable segments keep reserved
+    # memory within ~1 GiB of allocated at the speed point (tasks/BENCH_NOTES.md) instead of fragmenting
+    os.environ.setdefault("PYTORCH_CUDA_ALLOC_CONF", "expandable_segments:True")
     from tasks.model import quiet_libraries
 
     quiet_libraries()  # before bitsandbytes is imported: it logs a notice about optional hub kernels

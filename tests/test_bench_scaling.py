@@ -19,7 +19,7 @@ def test_configs_use_the_production_recipe_and_the_launcher_the_stage_would():
     from tasks.train import launch_command
 
     one = _config("/tmp/x", "/tmp/m", world=1, micro=4, steps=10)
-    two = _config("/tmp/x", "/tmp/m", world=2, micro=4, steps=10, liger=True)
+    two = _config("/tmp/x", "/tmp/m", world=2, micro=4, steps=10, liger="true")
     assert one.lora.target_modules == ["q_proj", "k_proj", "v_proj"] and one.lora.r == 32  # the production config
     assert (one.train.micro_batch_size, one.train.grad_accum, one.train.max_steps) == (4, 1, 10)
     assert one.model.tokenizer is None and two.train.liger_kernel
