@@ -53,27 +53,34 @@ def _sentences() -> list[str]:
 
 
 def make_corpus(root: Path, n_docs: int, seed: int = 0) -> None:
-    """``extracted/<category>.parquet`` with ``n_docs`` documents split by the mixing ratios."""
+    """``extracted/<category>.parquet`` with ``n_docs`` documents split by the mixing ratios, written
+    as the extract stage writes them: one row group per ``READ_BATCH`` documents, never the whole
+    category at once (one huge row group would make readers hold a whole file)."""
     import pyarrow as pa
-    import pyarrow.parquet as pq
+
+    from tasks.extract import DOC_SCHEMA, READ_BATCH
+    from tasks.textio import CategoryWriters
 
     rng = random.Random(seed)
     pool = _sentences()
     out = root / "extracted"
-    out.mkdir(parents=True, exist_ok=True)
-    for cat, share in CATS.items():
-        rows = []
-        for i in range(max(2, int(n_docs * share))):
-            body = " ".join(rng.choice(pool) for _ in range(rng.randint(20, 60)))
-            if cat == "code":
-                body = "import math\n\n" + "\n".join(f"def f{i}_{j}(x):\n    return x * {rng.randint(1, 99)}  # {rng.choice(pool)}"
-                                                      for j in range(rng.randint(8, 30)))
-            if rng.random() < 0.05:
-                body += f" Contact: cook{i}@example.org or +44 20 7946 {rng.randint(1000, 9999)}."
-            doc_id = f"{cat}-{seed}-{i:08d}"
-            rows.append({"doc_id": doc_id, "url": f"https://bench.test/{doc_id}", "source_id": f"bench-{cat}",
-                         "category": cat, "title": doc_id, "text": f"{body}\n\nContent licensed CC BY 4.0, see /terms.html"})
-        pq.write_table(pa.Table.from_pylist(rows), out / f"{cat}.parquet")
+    with CategoryWriters(out) as writers:
+        for cat, share in CATS.items():
+            rows = []
+            for i in range(max(2, int(n_docs * share))):
+                body = " ".join(rng.choice(pool) for _ in range(rng.randint(20, 60)))
+                if cat == "code":
+                    body = "import math\n\n" + "\n".join(f"def f{i}_{j}(x):\n    return x * {rng.randint(1, 99)}  # {rng.choice(pool)}"
+                                                          for j in range(rng.randint(8, 30)))
+                if rng.random() < 0.05:
+                    body += f" Contact: cook{i}@example.org or +44 20 7946 {rng.randint(1000, 9999)}."
+                doc_id = f"{cat}-{seed}-{i:08d}"
+                rows.append({"doc_id": doc_id, "url": f"https://bench.test/{doc_id}", "source_id": f"bench-{cat}",
+                             "category": cat, "title": doc_id, "text": f"{body}\n\nContent licensed CC BY 4.0, see /terms.html"})
+                if len(rows) == READ_BATCH:
+                    writers.write(cat, pa.Table.from_pylist(rows, schema=DOC_SCHEMA))
+                    rows = []
+            writers.write(cat, pa.Table.from_pylist(rows, schema=DOC_SCHEMA))
     (out / "manifest.json").write_text(json.dumps({"stage": "extract", "fingerprint": f"bench-{n_docs}-{seed}"}))
 
 

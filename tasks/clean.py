@@ -41,9 +41,10 @@ Memory: texts stream batch by batch (pass 1 writes cleaned survivors to a stagin
 re-reads it, applies the dedup verdicts and writes the output). Signatures (num_perm x 4 bytes),
 exact keys and LSH band records go to disk and the dedup runs partition by partition
 (``tasks/dedup.py``: ``ExternalDedup``), so they do not grow memory with the corpus; the index is
-written in batches. What still grows, by ~100-200 bytes per document: the set of doc_ids seen (for
-``duplicate_doc_id``), the input keys of this run's documents until they are written, and the
-previous run's verdicts (``PriorIndex.rows``, without signatures). Pass 1 runs in ``clean.workers``
+written in batches. No Python object is kept per document: the seen-before test for doc ids needs
+only the ids that occur more than once (found by an external sort of 16-byte id hashes), each
+survivor's input key travels through the staging file, and the incremental verdicts are sorted
+numpy arrays of 16-byte hashes (of the reused documents only). Pass 1 runs in ``clean.workers``
 processes, or on Dask workers when an executor is given, with results taken in order: the output
 does not depend on how it ran.
 """
@@ -69,7 +70,7 @@ import pyarrow.parquet as pq
 from prefect import task
 
 from tasks.config import CATEGORIES, CleanConfig, PipelineConfig, config_from_dict, dump_resolved, load_config
-from tasks.dedup import ExternalDedup, Signer, code_points
+from tasks.dedup import ExternalDedup, Signer, code_points, repeated_keys
 from tasks.manifest import Stage, code_fingerprint, fingerprint, read_manifest, require_manifest
 from tasks.textio import CategoryWriters, Progress, category_files, dask_executor, iter_batches, num_rows, ordered_map
 
@@ -94,7 +95,12 @@ REJECT_SCHEMA = pa.schema(
      ("reason", pa.string()), ("detail", pa.string()), ("text", pa.string())]
 )
 STAGING = "_staging"
+INPUT_KEY_COL = "_input_key"  # staging only: each survivor's input key, for its index row in pass 2
 DEDUP_MEMORY_BYTES = 256 << 20  # what one dedup partition may take while it is sorted
+# rows per batch read, cleaned and staged: a batch's texts, their cleaned copies, the Arrow tables and
+# the writers' buffers all scale with it (measured peak RSS at 2k -> 20k docs: 1024 rows 341 -> 410 MB,
+# 256 rows 301 -> 321 MB, at the same speed)
+BATCH_ROWS = 256
 
 # ------------------------------------------------------------------------------ text cleanup
 _ZERO_WIDTH_CHARS = "\u200b\u200c\u200d\u2060\ufeff\u00ad"
@@ -368,11 +374,13 @@ def exact_key(text: str) -> bytes:
 
 # -------------------------------------------------------------------------------- the stage
 class _Rejects:
-    """Buffered writer for rejects.parquet (always written, possibly empty)."""
+    """Buffered writer for rejects.parquet (always written, possibly empty). The buffer is bounded in
+    rows and in text bytes (rejects carry their text, which can be long)."""
 
-    def __init__(self, path: Path, flush_rows: int = 10_000):
-        self.path, self.flush_rows = path, flush_rows
+    def __init__(self, path: Path, flush_rows: int = 1024, flush_chars: int = 8 << 20):
+        self.path, self.flush_rows, self.flush_chars = path, flush_rows, flush_chars
         self.rows: list[dict[str, Any]] = []
+        self._chars = 0
         self.writer = pq.ParquetWriter(path, REJECT_SCHEMA)
         self.by_reason: Counter[str] = Counter()
         self._logged: Counter[str] = Counter()
@@ -387,13 +395,15 @@ class _Rejects:
              "category": None if category is None else str(category), "reason": reason, "detail": detail,
              "text": text if isinstance(text, str) else None}
         )
-        if len(self.rows) >= self.flush_rows:
+        self._chars += len(text) if isinstance(text, str) else 0
+        if len(self.rows) >= self.flush_rows or self._chars >= self.flush_chars:
             self.flush()
 
     def flush(self) -> None:
         if self.rows:
             self.writer.write_table(pa.Table.from_pylist(self.rows, schema=REJECT_SCHEMA))
             self.rows.clear()
+            self._chars = 0
 
     def close(self) -> None:
         self.flush()
@@ -420,7 +430,7 @@ def _sample_boilerplate(path: Path, c: CleanConfig, code: bool) -> dict[str, fro
     counts: dict[str, Counter[bytes]] = defaultdict(Counter)
     texts: dict[str, dict[bytes, str]] = defaultdict(dict)
     docs: Counter[str] = Counter()
-    for batch in iter_batches(path, cols):
+    for batch in iter_batches(path, cols, batch_rows=BATCH_ROWS):
         d = batch.to_pydict()
         for src, text in zip(d.get("source_id") or [None] * batch.num_rows, d["text"]):
             src = src or ""
@@ -513,13 +523,44 @@ def _boilerplate_digest(boilerplate: frozenset[str]) -> bytes:
     return b"".join(sorted(_line_key(ln) for ln in boilerplate))
 
 
+def h16(values: list[Any]) -> np.ndarray:
+    """16-byte blake2b of each string as a numpy ``S16`` array (non-strings: all zero bytes, which
+    callers never look up). The per-document sets of the stage are sorted arrays of these: 16 bytes
+    per document instead of a Python object; at 128 bits a collision among 10^9 ids has odds ~10^-21."""
+    return np.frombuffer(b"".join(hashlib.blake2b(v.encode("utf-8", "surrogatepass"), digest_size=16).digest()
+                                  if isinstance(v, str) else bytes(16) for v in values), "S16")
+
+
+def member(sorted_keys: np.ndarray, q: np.ndarray) -> np.ndarray:
+    """Mask of the entries of ``q`` found in ``sorted_keys``."""
+    if len(sorted_keys) == 0 or len(q) == 0:
+        return np.zeros(len(q), bool)
+    i = np.minimum(np.searchsorted(sorted_keys, q), len(sorted_keys) - 1)
+    return sorted_keys[i] == q
+
+
+def _concat(chunks: list[np.ndarray], dtype: str = "S16") -> np.ndarray:
+    return np.sort(np.concatenate(chunks)) if chunks else np.zeros(0, dtype)
+
+
+def _joint_key(doc_id: str, key: bytes, category: str) -> bytes:
+    """What a stored verdict depends on: (doc_id, input key, category), as one 16-byte hash."""
+    b = doc_id.encode("utf-8", "surrogatepass")
+    return hashlib.blake2b(len(b).to_bytes(8, "little") + b + key + category.encode(), digest_size=16).digest()
+
+
+def _reject_key(doc_id: str, reason: str) -> bytes:
+    b = doc_id.encode("utf-8", "surrogatepass")
+    return hashlib.blake2b(len(b).to_bytes(8, "little") + b + reason.encode(), digest_size=16).digest()
+
+
 @dataclass
 class PriorIndex:
-    """The previous run's verdicts, by doc_id: (input key, category, status, dup_of, seq). Exact keys
-    and signatures stay in the file (``path``) and are streamed when needed."""
+    """The previous run's index file (``path``, None when unusable) and its row count; verdicts,
+    exact keys and signatures stay in the file and are streamed when needed."""
 
-    rows: dict[str, tuple] = field(default_factory=dict)
     path: Path | None = None
+    n: int = 0
 
     @classmethod
     def load(cls, clean_dir: Path, key: str) -> PriorIndex:
@@ -529,34 +570,100 @@ class PriorIndex:
             if m:
                 log.info("clean: no usable index in %s (config, rules or code changed): full re-clean", clean_dir)
             return cls()
-        rows = {}
-        for batch in iter_batches(path, ["doc_id", "input_key", "category", "status", "dup_of", "seq"]):
-            for r in zip(*(batch.column(i).to_pylist() for i in range(6))):
-                rows[r[0]] = r[1:]
-        return cls(rows, path)
+        return cls(path, num_rows(path))
 
-    def iter_rows(self, doc_ids: set[str]):
-        """The stored rows (all columns, as dicts) of ``doc_ids``, in file order: kept rows are in the
-        order they were first kept (each run appends its new ones after the reused ones)."""
-        if self.path is None:
-            return
-        for batch in iter_batches(self.path):
-            for r in batch.to_pylist():
-                if r["doc_id"] in doc_ids:
-                    yield r
+    def batches(self, columns: list[str] | None = None):
+        if self.path is not None:
+            yield from iter_batches(self.path, columns)
+
+
+class FirstSeen:
+    """The seen-before test for doc ids without a set of every id: only ids in ``repeated`` (sorted
+    ``h16`` of the ids that occur more than once in the input) can have been seen, so one flag per
+    repeated id is all the state."""
+
+    def __init__(self, repeated: np.ndarray):
+        self.repeated = repeated
+        self.taken = np.zeros(len(repeated), bool)
+
+    def candidates(self, ids: list[Any], h: np.ndarray | None = None) -> np.ndarray:
+        """Per row of a batch: the index of its id in ``repeated``, or -1."""
+        if len(self.repeated) == 0:
+            return np.full(len(ids), -1, np.int64)
+        h = h16(ids) if h is None else h
+        pos = np.minimum(np.searchsorted(self.repeated, h), len(self.repeated) - 1)
+        return np.where(self.repeated[pos] == h, pos, -1)
+
+    def take(self, cand: np.ndarray, i: int) -> bool:
+        """True for the first row of its id (which marks the id seen), False for a later one."""
+        g = int(cand[i])
+        if g < 0:
+            return True
+        if self.taken[g]:
+            return False
+        self.taken[g] = True
+        return True
+
+
+@dataclass
+class Reuse:
+    """Which documents keep their stored verdict, as sorted ``h16`` arrays: ``kept`` (reused kept
+    documents), ``other`` (reused rejects), ``rejects`` (``_reject_key`` of the reused rejects), and
+    the reused near-duplicates' kept twins and categories (``near_rep``, ``near_cat``) for the
+    cluster report; ``prior_kept``: kept documents in the whole index."""
+
+    kept: np.ndarray = field(default_factory=lambda: np.zeros(0, "S16"))
+    other: np.ndarray = field(default_factory=lambda: np.zeros(0, "S16"))
+    rejects: np.ndarray = field(default_factory=lambda: np.zeros(0, "S16"))
+    near_rep: np.ndarray = field(default_factory=lambda: np.zeros(0, "S16"))
+    near_cat: np.ndarray = field(default_factory=lambda: np.zeros(0, np.uint8))
+    prior_kept: int = 0
+
+    def __len__(self) -> int:
+        return len(self.kept) + len(self.other)
+
+    def contains(self, h: np.ndarray) -> np.ndarray:
+        return member(self.kept, h) | member(self.other, h)
+
+
+def _reusable(prior: PriorIndex, current: np.ndarray) -> Reuse:
+    """Doc ids whose stored verdict still holds: same input key and category (``current``: sorted
+    ``_joint_key`` of this run's documents), and, for a duplicate, a kept twin that is itself reused
+    (else the duplicate must be decided again). One streaming pass over the index."""
+    kept, direct, direct_rej = [], [], []
+    req: dict[str, list[np.ndarray]] = defaultdict(list)  # duplicates whose twin must be reused too
+    n_kept = 0
+    for batch in prior.batches(["doc_id", "input_key", "category", "status", "dup_of"]):
+        d = batch.to_pydict()
+        n_kept += d["status"].count("kept")
+        same = member(current, np.frombuffer(b"".join(
+            _joint_key(*r) for r in zip(d["doc_id"], d["input_key"], d["category"])), "S16"))
+        rows = [r for r, ok in zip(zip(d["doc_id"], d["status"], d["dup_of"], d["category"]), same.tolist()) if ok]
+        kept.append(h16([r[0] for r in rows if r[1] == "kept"]))
+        alone = [r for r in rows if r[1] != "kept" and r[2] is None]
+        direct.append(h16([r[0] for r in alone]))
+        direct_rej.append(np.frombuffer(b"".join(_reject_key(r[0], r[1]) for r in alone), "S16"))
+        dups = [r for r in rows if r[1] != "kept" and r[2] is not None]
+        req["h"].append(h16([r[0] for r in dups]))
+        req["dup_of"].append(h16([r[2] for r in dups]))
+        req["rej"].append(np.frombuffer(b"".join(_reject_key(r[0], r[1]) for r in dups), "S16"))
+        req["near"].append(np.array([r[1] == "near_duplicate" for r in dups], bool))
+        req["cat"].append(np.array([CATEGORIES.index(r[3]) for r in dups], np.uint8))
+    out = Reuse(kept=_concat(kept), prior_kept=n_kept)
+    if not req:
+        return out
+    r = {k: np.concatenate(v) for k, v in req.items()}
+    ok = member(out.kept, r["dup_of"])
+    out.other = _concat([*direct, r["h"][ok]])
+    out.rejects = _concat([*direct_rej, r["rej"][ok]])
+    near = ok & r["near"]
+    out.near_rep, out.near_cat = r["dup_of"][near], r["cat"][near]
+    return out
 
 
 INDEX_SCHEMA = pa.schema([("doc_id", pa.string()), ("input_key", pa.binary(16)), ("category", pa.string()),
                           ("status", pa.string()), ("dup_of", pa.string()), ("exact_key", pa.binary(16)),
                           ("sig", pa.binary()), ("seq", pa.int64())])
-
-
-def _reusable(prior: PriorIndex, current: dict[str, tuple[bytes, str]]) -> set[str]:
-    """Doc ids whose stored verdict still holds: same input key and category, and, for a duplicate,
-    a kept twin that is itself reused (else the duplicate must be decided again)."""
-    same = {d for d, (k, cat) in current.items() if (r := prior.rows.get(d)) is not None and r[0] == k and r[1] == cat}
-    kept = {d for d in same if prior.rows[d][2] == "kept"}
-    return {d for d in same if prior.rows[d][2] == "kept" or prior.rows[d][3] is None or prior.rows[d][3] in kept}
 
 
 def _add_prior(dd: ExternalDedup, rows: list[dict[str, Any]]) -> None:
@@ -569,7 +676,7 @@ def _add_prior(dd: ExternalDedup, rows: list[dict[str, Any]]) -> None:
 class _IndexWriter:
     """index.parquet, written in batches (it has a row, and for kept documents a signature, per document)."""
 
-    def __init__(self, path: Path, flush_rows: int = 10_000):
+    def __init__(self, path: Path, flush_rows: int = 1024):  # a row holds a signature (num_perm x 4 bytes)
         self.writer = pq.ParquetWriter(path, INDEX_SCHEMA)
         self.rows: list[dict[str, Any]] = []
         self.flush_rows = flush_rows
@@ -616,57 +723,74 @@ def run_clean(cfg: PipelineConfig, workers: int | None = None, executor=None,
             raise ValueError(f"{path}: missing required column(s) {missing}; cannot clean this file")
     boilers = {cat: _sample_boilerplate(path, c, cat in CODE) if cat in CATEGORIES else {} for cat, path in files.items()}
 
-    # ---- pass 0 (only with an index): which documents can keep their stored verdict
-    reuse: set[str] = set()
-    if prior.rows:
-        current: dict[str, tuple[bytes, str]] = {}
-        for cat, path in files.items():
-            for batch in iter_batches(path, [x for x in ("doc_id", "text", "source_id") if x in _schema_names(path)]):
-                d = batch.to_pydict()
-                for i, (doc_id, text) in enumerate(zip(d["doc_id"], d["text"])):
-                    if isinstance(doc_id, str) and isinstance(text, str) and doc_id not in current:
-                        src = (d.get("source_id") or [None] * batch.num_rows)[i] or ""
-                        current[doc_id] = (input_key(text, boilers[cat].get(src, frozenset())), cat)
-        reuse = _reusable(prior, current)
-        del current
-        log.info("clean: incremental: %d of %d indexed documents unchanged; cleaning the rest", len(reuse), len(prior.rows))
-
     per_cat: dict[str, Counter[str]] = defaultdict(Counter)
     totals: Counter[str] = Counter()
-    new_keys: dict[str, bytes] = {}  # input key of every document cleaned this run
-    seen_ids: set[str] = set()
     warned: set[str] = set()
-    max_docs = sum(num_rows(p) for p in files.values()) + sum(r[2] == "kept" for r in prior.rows.values())
+    n_input = sum(num_rows(p) for p in files.values())
 
     with stage.building() as work:
+        # ---- doc ids that occur more than once (the only ones that need a seen-before check)
+        def id_chunks():
+            for path in files.values():
+                for batch in iter_batches(path, ["doc_id"]):
+                    ids = batch.column(0).to_pylist()
+                    yield h16([x for x in ids if isinstance(x, str)])
+
+        repeated = repeated_keys(id_chunks(), work / "_ids", n_input, DEDUP_MEMORY_BYTES)
+
+        # ---- pass 0 (only with an index): which documents can keep their stored verdict
+        reuse = Reuse()
+        if prior.n:
+            current, first = [], FirstSeen(repeated)
+            for cat, path in files.items():
+                cols = [x for x in ("doc_id", "text", "source_id") if x in _schema_names(path)]
+                for batch in iter_batches(path, cols, batch_rows=BATCH_ROWS):
+                    d = batch.to_pydict()
+                    keys, rep_ = [], first.candidates(d["doc_id"])
+                    for i, (doc_id, text) in enumerate(zip(d["doc_id"], d["text"])):
+                        if isinstance(doc_id, str) and isinstance(text, str) and first.take(rep_, i):
+                            src = (d.get("source_id") or [None] * batch.num_rows)[i] or ""
+                            keys.append(_joint_key(doc_id, input_key(text, boilers[cat].get(src, frozenset())), cat))
+                    current.append(np.frombuffer(b"".join(keys), "S16"))
+            current = _concat(current)
+            reuse = _reusable(prior, current)
+            del current
+            log.info("clean: incremental: %d of %d indexed documents unchanged; cleaning the rest", len(reuse), prior.n)
+        max_docs = n_input + reuse.prior_kept
+
         rejects = _Rejects(work / "rejects.parquet")
         staging = work / STAGING
-        index = _IndexWriter(work / INDEX)
+        index = _IndexWriter(work / INDEX, flush_rows=BATCH_ROWS)
         dd = ExternalDedup(work / "_dedup", c.num_perm, c.near_dup_threshold, CATEGORIES, max_docs,
                            memory_bytes=DEDUP_MEMORY_BYTES, partitions=dedup_partitions)
         # ---- earlier runs' kept documents enter the dedup first, in the order they were kept; every
         # reused entry is copied into the new index as it was
         n_prior, seq = 0, 0
-        reps = {prior.rows[d][3] for d in reuse if prior.rows[d][2] == "near_duplicate"}
-        rep_arrival: dict[str, int] = {}
+        reps = np.unique(reuse.near_rep)
+        rep_arrival = np.full(len(reps), -1, np.int64)
         buf: list[dict[str, Any]] = []
-        for r in prior.iter_rows(reuse):
-            index.add(r)
-            if r["status"] != "kept":
-                per_cat[r["category"]]["rejected"] += 1
+        for batch in prior.batches():
+            mask = reuse.contains(h16(batch.column("doc_id").to_pylist()))
+            if not mask.any():
                 continue
-            assert r["seq"] >= seq, f"clean: {prior.path}: kept rows out of order"
-            seq = r["seq"] + 1
-            if r["doc_id"] in reps:
-                rep_arrival[r["doc_id"]] = n_prior
-            n_prior += 1
-            buf.append(r)
-            if len(buf) >= 4096:
-                _add_prior(dd, buf)
+            for r in batch.filter(pa.array(mask)).to_pylist():
+                index.add(r)
+                if r["status"] != "kept":
+                    per_cat[r["category"]]["rejected"] += 1
+                    continue
+                assert r["seq"] >= seq, f"clean: {prior.path}: kept rows out of order"
+                seq = r["seq"] + 1
+                if len(reps) and member(reps, h16([r["doc_id"]]))[0]:
+                    rep_arrival[np.searchsorted(reps, h16([r["doc_id"]]))] = n_prior
+                n_prior += 1
+                buf.append(r)
+                if len(buf) >= BATCH_ROWS:
+                    _add_prior(dd, buf)
         _add_prior(dd, buf)
-        for d in reuse:
-            if prior.rows[d][2] == "near_duplicate":
-                dd.add_prior_cluster(rep_arrival[prior.rows[d][3]], prior.rows[d][1])
+        if len(reuse.near_rep):
+            arrivals = rep_arrival[np.searchsorted(reps, reuse.near_rep)]
+            assert (arrivals >= 0).all(), "clean: a reused near-duplicate's kept twin is not reused"
+            dd.add_prior_clusters(arrivals, reuse.near_cat)
         # ---- pass 1: validate (here: needs the global doc_id set), then clean, score and sign each
         # batch of new or changed documents (in worker processes or on Dask workers; results come
         # back in order), stage survivors
@@ -676,10 +800,13 @@ def run_clean(cfg: PipelineConfig, workers: int | None = None, executor=None,
                 prog = Progress(log, f"clean {file_cat}", num_rows(path))
                 rel = _relative(path, cfg.root)  # the data root's own path would make outputs depend on where it lives
                 row0 = 0
-                for batch in iter_batches(path):
+                for batch in iter_batches(path, batch_rows=BATCH_ROWS):
                     t = _conform(batch, path, warned)
                     d = t.to_pydict()
+                    h = h16(d["doc_id"])
+                    reused, rep_ = reuse.contains(h), seen.candidates(d["doc_id"], h)
                     cand: list[int] = []
+                    cand_keys: list[bytes] = []
                     for i in range(t.num_rows):
                         where = f"{rel} row {row0 + i}"
                         doc_id, text = d["doc_id"][i], d["text"][i]
@@ -694,44 +821,45 @@ def run_clean(cfg: PipelineConfig, workers: int | None = None, executor=None,
                             verdict = ("category_mismatch", f"{where}: row says {cat!r}, file is {file_cat!r}")
                         elif not isinstance(text, str) or not text.strip():
                             verdict = ("empty", f"{where}: text is {'null' if text is None else 'empty'}")
-                        elif doc_id in seen_ids:
+                        elif not seen.take(rep_, i):
                             verdict = ("duplicate_doc_id", f"{where}: doc_id {doc_id!r} seen before")
                         if verdict is not None:
                             if c.scrub_pii and isinstance(text, str):  # quarantine is no place for PII either
                                 text = scrub_pii(text)[0]
                             rejects.add(doc_id, d["url"][i], cat, *verdict, text, where=where)
                             per_cat[file_cat]["rejected"] += 1
+                        elif reused[i]:
+                            per_cat[file_cat]["reused"] += 1
                         else:
-                            seen_ids.add(doc_id)
-                            if doc_id in reuse:
-                                per_cat[file_cat]["reused"] += 1
-                            else:
-                                cand.append(i)
-                                new_keys[doc_id] = input_key(text, boiler.get(d["source_id"][i] or "", frozenset()))
+                            cand.append(i)
+                            cand_keys.append(input_key(text, boiler.get(d["source_id"][i] or "", frozenset())))
                     srcs = [d["source_id"][i] or "" for i in cand]
                     job = ([d["text"][i] for i in cand], file_cat, srcs,
                            {s_: boiler[s_] for s_ in set(srcs) if s_ in boiler}, c.model_dump(), cfg.seed)
-                    yield (file_cat, t, d, cand), job
+                    yield (file_cat, t, d, cand, cand_keys), job
                     row0 += t.num_rows
                     prog.update(t.num_rows)
 
+        seen = FirstSeen(repeated)  # the first valid row of a doc id wins
         with CategoryWriters(staging) as stage_out:
-            for (file_cat, t, d, cand), results in ordered_map(_clean_batch, prepared(), workers, executor=executor):
+            for (file_cat, t, d, cand, cand_keys), results in ordered_map(_clean_batch, prepared(), workers, executor=executor):
                 keep_idx: list[int] = []
+                keep_keys: list[bytes] = []
                 texts: list[str] = []
                 keys: list[bytes] = []
                 sigs: list[np.ndarray] = []
-                for i, (cleaned, stats, q, key, sig) in zip(cand, results):
+                for i, ikey, (cleaned, stats, q, key, sig) in zip(cand, cand_keys, results):
                     totals.update(stats)
                     per_cat[file_cat]["cleaned"] += 1
                     if q is not None:
                         rejects.add(d["doc_id"][i], d["url"][i], file_cat, *q, cleaned)
                         per_cat[file_cat]["rejected"] += 1
-                        index.add({"doc_id": d["doc_id"][i], "input_key": new_keys.pop(d["doc_id"][i]),
+                        index.add({"doc_id": d["doc_id"][i], "input_key": ikey,
                                    "category": file_cat, "status": q[0], "dup_of": None, "exact_key": None,
                                    "sig": None, "seq": None})
                         continue
                     keep_idx.append(i)
+                    keep_keys.append(ikey)
                     texts.append(cleaned)
                     keys.append(key)
                     sigs.append(sig)
@@ -740,7 +868,8 @@ def run_clean(cfg: PipelineConfig, workers: int | None = None, executor=None,
                     out = t.take(pa.array(keep_idx, pa.int64()))
                     out = out.set_column(COLUMNS.index("text"), "text", pa.array(texts, pa.string()))
                     out = out.set_column(COLUMNS.index("category"), "category", pa.array([file_cat] * len(keep_idx), pa.string()))
-                    stage_out.write(file_cat, out)
+                    # the input key rides along to pass 2 (where the index row is written), not in memory
+                    stage_out.write(file_cat, out.append_column(INPUT_KEY_COL, pa.array(keep_keys, pa.binary(16))))
 
         # ---- dedup over the whole corpus, on disk (see tasks/dedup.py)
         dstats = dd.run()
@@ -749,17 +878,15 @@ def run_clean(cfg: PipelineConfig, workers: int | None = None, executor=None,
 
         # ---- pass 2: reused output copied from the previous run, then this run's verdicts applied,
         # long documents split, output written
-        reused_kept = {d for d in reuse if prior.rows[d][2] == "kept"}
-        reused_rejected = {(d, prior.rows[d][2]) for d in reuse if prior.rows[d][2] != "kept"}
         idx = n_prior  # arrival number in the dedup
         with CategoryWriters(work) as final:
             for cat in CATEGORIES:
                 old = stage.out_dir / f"{cat}.parquet"
-                if reused_kept and old.is_file():
+                if len(reuse.kept) and old.is_file():
                     last = None
-                    for batch in iter_batches(old):
+                    for batch in iter_batches(old, batch_rows=BATCH_ROWS):
                         t = pa.Table.from_batches([batch])
-                        mask = pa.array([x in reused_kept for x in t.column("dup_cluster").to_pylist()], pa.bool_())
+                        mask = pa.array(member(reuse.kept, h16(t.column("dup_cluster").to_pylist())), pa.bool_())
                         t = t.filter(mask)
                         if t.num_rows:
                             final.write(cat, t)
@@ -774,7 +901,7 @@ def run_clean(cfg: PipelineConfig, workers: int | None = None, executor=None,
                 sp = staging / f"{cat}.parquet"
                 if not sp.is_file():
                     continue
-                for batch in iter_batches(sp):
+                for batch in iter_batches(sp, batch_rows=BATCH_ROWS):
                     d = batch.to_pydict()
                     sigs_b, keys_b = dd.read_rows(idx, idx + batch.num_rows)
                     take: list[int] = []
@@ -785,7 +912,7 @@ def run_clean(cfg: PipelineConfig, workers: int | None = None, executor=None,
                         doc_id, text = d["doc_id"][i], d["text"][i]
                         verdict = dd.verdict(idx)
                         # the index for the next run: this run's documents as decided now
-                        index.add({"doc_id": doc_id, "input_key": new_keys.pop(doc_id), "category": cat,
+                        index.add({"doc_id": doc_id, "input_key": d[INPUT_KEY_COL][i], "category": cat,
                                    "status": "kept" if verdict is None else verdict[0],
                                    "dup_of": None if verdict is None else verdict[1].split(" ")[0],
                                    "exact_key": keys_b[i].tobytes() if verdict is None else None,
@@ -808,7 +935,7 @@ def run_clean(cfg: PipelineConfig, workers: int | None = None, executor=None,
                                 clusters_col.append(doc_id)
                         idx += 1
                     if take:
-                        out = pa.Table.from_batches([batch]).take(pa.array(take, pa.int64()))
+                        out = pa.Table.from_batches([batch]).drop_columns([INPUT_KEY_COL]).take(pa.array(take, pa.int64()))
                         out = out.set_column(COLUMNS.index("doc_id"), "doc_id", pa.array(out_ids, pa.string()))
                         out = out.set_column(COLUMNS.index("text"), "text", pa.array(out_texts, pa.string()))
                         out = out.append_column("n_chars", pa.array([len(x) for x in out_texts], pa.int64()))
@@ -821,10 +948,13 @@ def run_clean(cfg: PipelineConfig, workers: int | None = None, executor=None,
         dd.close()
         # reused rejects: copied from the previous rejects file (validation rejects were recomputed above)
         old_rej = stage.out_dir / "rejects.parquet"
-        if reused_rejected and old_rej.is_file():
-            for batch in iter_batches(old_rej):
-                for r in batch.to_pylist():
-                    if (r["doc_id"], r["reason"]) in reused_rejected:
+        if len(reuse.rejects) and old_rej.is_file():
+            for batch in iter_batches(old_rej, batch_rows=BATCH_ROWS):
+                rows = batch.to_pylist()
+                rk = np.frombuffer(b"".join(_reject_key(r["doc_id"], r["reason"]) if isinstance(r["doc_id"], str) else bytes(16)
+                                            for r in rows), "S16")
+                for r, hit in zip(rows, member(reuse.rejects, rk).tolist()):
+                    if hit and isinstance(r["doc_id"], str):
                         rejects.add(r["doc_id"], r["url"], r["category"], r["reason"], r["detail"], r["text"])
                         if r["reason"] == "exact_duplicate":
                             per_cat[r["category"]]["exact_dup_removed"] += 1

@@ -340,7 +340,7 @@ class ExternalDedup:
         self._prior_buf: list[tuple[str, int, int]] = []
         self._verdict_block = -1
         self._verdicts: dict[int, tuple[int, str, int]] = {}
-        self._prior_clusters: list[tuple[int, int]] = []
+        self._prior_clusters: list[np.ndarray] = []  # _CLUSTER records
 
     # ---- feeding
     def add(self, doc_ids: list[str], categories: list[str], keys: list[bytes], sigs: np.ndarray, prior: bool = False) -> None:
@@ -366,7 +366,13 @@ class ExternalDedup:
     def add_prior_cluster(self, rep: int, category: str) -> None:
         """An earlier run's near-duplicate of ``category`` that joined prior document ``rep`` (its
         arrival number) and stays removed: counted in the cluster report with this run's."""
-        self._prior_clusters.append((rep, self.categories.index(category)))
+        self.add_prior_clusters(np.array([rep], np.int64), np.array([self.categories.index(category)], np.uint8))
+
+    def add_prior_clusters(self, reps: np.ndarray, cats: np.ndarray) -> None:
+        """``add_prior_cluster`` for arrays of arrivals and category numbers (9 bytes each, no Python object)."""
+        cl = np.empty(len(reps), _CLUSTER)
+        cl["rep"], cl["cat"] = reps, cats
+        self._prior_clusters.append(cl)
 
     def _write_run(self, rows: list[tuple[str, int, int]], into: list[Path], sort: bool) -> None:
         import pyarrow as pa
@@ -543,9 +549,9 @@ class ExternalDedup:
         verdicts = Spill(self.work / "verdicts", _VERDICT, self._blocks())
         clusters = Spill(self.work / "clusters", _CLUSTER, self._blocks())
         n_cat = len(self.categories)
-        if self._prior_clusters:
-            cl = np.array(self._prior_clusters, _CLUSTER)
+        for cl in self._prior_clusters:
             clusters.add(cl, cl["rep"] // self.BLOCK)
+        self._prior_clusters.clear()
         for blk in range(self._blocks()):
             lo, hi = blk * self.BLOCK, min((blk + 1) * self.BLOCK, self._n)
             self.kept[lo:hi] = ~self.exact_removed[lo:hi]
@@ -619,6 +625,24 @@ class ExternalDedup:
         for f in (self._sig_f, self._key_f):
             f.close()
         _rmtree(self.work)
+
+
+def repeated_keys(chunks: Iterable[np.ndarray], work: Path, n: int, memory_bytes: int = 256 << 20) -> np.ndarray:
+    """The distinct ``S16`` keys that occur more than once in ``chunks`` (``n`` keys in all), sorted.
+    External: keys are spilled into partitions by hash, sized so that one partition sorts within
+    ``memory_bytes``; only the repeated keys (normally none) are held at the end."""
+    parts = max(1, math.ceil(max(n, 1) * 16 * 3 / memory_bytes))
+    spill = Spill(work, np.dtype("S16"), parts)
+    for c in chunks:
+        if len(c):
+            spill.add(c, (np.frombuffer(c.tobytes(), "<u8")[::2] % np.uint64(parts)).astype(np.int64))
+    spill.close()
+    out = []
+    for p in range(parts):
+        k = np.sort(spill.read(p))
+        out.append(np.unique(k[1:][k[1:] == k[:-1]]))
+    _rmtree(work)
+    return np.sort(np.concatenate(out)) if out else np.zeros(0, "S16")
 
 
 def _pair_chunks(members: np.ndarray, pos: np.ndarray, max_pairs: int):

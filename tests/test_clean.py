@@ -460,3 +460,81 @@ def test_forced_partitions_give_the_same_output(tmp_path):
     assert m1["counts"] == m5["counts"] and m1["counts"]["rejects_by_reason"]["near_duplicate"] >= 1
     assert {k: v for k, v in m1["files"].items() if k != "config.yaml"} == \
         {k: v for k, v in m5["files"].items() if k != "config.yaml"}
+
+
+# ------------------------------------------------------------------ bounded memory (structural)
+def _one_row_group(path: Path, n: int, chars: int = 8000) -> int:
+    """A Parquet file whose ``n`` rows of ``chars`` random letters are all in one row group."""
+    import numpy as np
+
+    raw = (np.random.default_rng(n).integers(0, 27, n * chars, dtype=np.uint8) + 96).tobytes().replace(b"`", b" ")
+    texts = [raw[i * chars : (i + 1) * chars].decode() for i in range(n)]
+    pq.write_table(pa.table({"doc_id": [f"d{i:06d}" for i in range(n)], "text": texts}), path,
+                   row_group_size=n, compression="none", use_dictionary=False)
+    return n * chars
+
+
+def test_iter_batches_streams_inside_a_huge_row_group(tmp_path):
+    """Arrow's allocations (deterministic, unlike RSS) do not grow with a row group's size: pages
+    stream, the column chunks are not read up front (pyarrow's pre_buffer held the whole 48 MB);
+    and long rows give proportionally fewer rows per batch."""
+    from tasks.textio import iter_batches
+
+    peaks = {}
+    for n in (1000, 6000):  # 8 MB and 48 MB, each one row group
+        path = tmp_path / f"one-{n}.parquet"
+        size = _one_row_group(path, n)
+        base, peak, rows = pa.total_allocated_bytes(), 0, 0
+        for b in iter_batches(path, batch_rows=64):
+            assert b.num_rows <= 64
+            rows += b.num_rows
+            peak = max(peak, pa.total_allocated_bytes() - base)
+        assert rows == n
+        peaks[size] = peak
+    (small, p_small), (large, p_large) = sorted(peaks.items())
+    assert p_large < large // 3 and p_large - p_small < (large - small) // 20, peaks
+    assert 5 <= max(b.num_rows for b in iter_batches(path, max_bytes=80_000)) <= 10  # 8 kB rows, 80 kB batches
+
+
+def test_clean_keeps_no_per_document_state(tmp_path, monkeypatch):
+    """What clean.py holds (tracemalloc, which is exact) when the dedup starts, i.e. after reading
+    every document, must not grow with the number of documents: 4x the documents may add at most a
+    few bytes each (numpy hashes), not a set or dict entry (~100-200 bytes) per document."""
+    import gc
+    import tracemalloc
+
+    import tasks.clean as C
+
+    monkeypatch.setattr(C, "BATCH_ROWS", 16)  # both corpora fill their batches and the dedup's sort runs
+    monkeypatch.setattr(C.ExternalDedup, "RUN_DOCS", 64)
+    held = {}
+
+    def measure(n: int, incremental_rerun: bool) -> int:
+        root = tmp_path / f"n{n}-{incremental_rerun}"
+        rng = random.Random(n)
+        rows = [doc(f"d-{i:06d}", "articles", words(rng, 60)) for i in range(n)]
+        write_extracted(root, [dict(r) for r in rows], "fp-1")
+        cfg = make_cfg(root, clean={"min_chars": 50})
+        if incremental_rerun:  # the second run reuses an index of n documents
+            run_clean(cfg)
+            write_extracted(root, rows + [doc(f"e-{i:06d}", "articles", words(rng, 60)) for i in range(20)], "fp-2")
+        orig = C.ExternalDedup.run
+
+        def run(self):
+            gc.collect()  # count what is held, not garbage waiting for the cycle collector
+            snap = tracemalloc.take_snapshot().filter_traces([tracemalloc.Filter(True, C.__file__)])
+            held[n] = sum(s.size for s in snap.statistics("filename"))
+            return orig(self)
+
+        monkeypatch.setattr(C.ExternalDedup, "run", run)
+        tracemalloc.start()
+        try:
+            run_clean(cfg)
+        finally:
+            tracemalloc.stop()
+            monkeypatch.setattr(C.ExternalDedup, "run", orig)
+        return held[n]
+
+    for incremental in (False, True):
+        small, large = measure(150, incremental), measure(600, incremental)
+        assert large - small < 450 * 32, f"clean.py holds {small} bytes at 150 docs, {large} at 600 (incremental={incremental})"
