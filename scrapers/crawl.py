@@ -18,6 +18,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import os
 import sqlite3
 import threading
 import time
@@ -152,6 +153,20 @@ CREATE TABLE IF NOT EXISTS url (
 CREATE INDEX IF NOT EXISTS url_frontier ON url (host, queued_gen, visited_gen);
 CREATE INDEX IF NOT EXISTS url_publish ON url (visited_gen, publish);
 """
+# Bumped when _SCHEMA changes in a way ALTER TABLE cannot follow. A state file of another version is
+# moved aside (never deleted) and the crawl starts afresh: one full re-fetch instead of a crash.
+SCHEMA_VERSION = 2
+
+
+def _schema_version(db_path: Path) -> int:
+    """The file's PRAGMA user_version; 1 for a file written before versions were recorded (tables, no version)."""
+    con = sqlite3.connect(db_path)
+    try:
+        v = con.execute("PRAGMA user_version").fetchone()[0]
+        has_tables = con.execute("SELECT count(*) FROM sqlite_master WHERE type='table'").fetchone()[0] > 0
+    finally:
+        con.close()
+    return v if v or not has_tables else 1
 
 
 class CrawlState:
@@ -161,11 +176,20 @@ class CrawlState:
         state_dir.mkdir(parents=True, exist_ok=True)
         self.dir = state_dir
         self.blobs = BlobStore(state_dir / "blobs")
-        self._db = sqlite3.connect(state_dir / "state.sqlite", check_same_thread=False, isolation_level=None)
+        db_path = state_dir / "state.sqlite"
+        if db_path.is_file() and (old := _schema_version(db_path)) != SCHEMA_VERSION:
+            aside = db_path.with_name(f"state.schema-{old}.{time.strftime('%Y%m%dT%H%M%S')}.sqlite")
+            for suffix in ("", "-wal", "-shm"):
+                if Path(f"{db_path}{suffix}").exists():
+                    os.replace(f"{db_path}{suffix}", f"{aside}{suffix}")
+            log.warning("crawl state %s has schema version %s, this code needs %s: moved it to %s and starting "
+                        "a fresh crawl (every page is fetched again once)", db_path, old, SCHEMA_VERSION, aside.name)
+        self._db = sqlite3.connect(db_path, check_same_thread=False, isolation_level=None)
         self._db.row_factory = sqlite3.Row
         self._db.execute("PRAGMA journal_mode=WAL")
         self._db.execute("PRAGMA synchronous=NORMAL")
         self._db.executescript(_SCHEMA)
+        self._db.execute(f"PRAGMA user_version={SCHEMA_VERSION}")
         try:  # added later: the page's own nofollow (header or meta), so a 304 does not follow its links
             self._db.execute("ALTER TABLE url ADD COLUMN nofollow INTEGER NOT NULL DEFAULT 0")
         except sqlite3.OperationalError:

@@ -619,3 +619,29 @@ def test_user_agent_must_carry_a_contact(tmp_path: Path) -> None:
     with pytest.raises(ValidationError, match="contact"):
         make_cfg(tmp_path, tmp_path / "s.yaml", user_agent="python-requests/2.32")
     assert make_cfg(tmp_path, tmp_path / "s.yaml", user_agent="bot/1 (+https://example.org/bot)")
+
+
+def test_crawl_state_of_an_older_schema_is_moved_aside_not_crashed_on(tmp_path: Path, caplog) -> None:
+    import sqlite3
+
+    from scrapers.crawl import SCHEMA_VERSION, CrawlState
+
+    state = tmp_path / "scrape_state"
+    state.mkdir()
+    old = sqlite3.connect(state / "state.sqlite")  # a file from before 'pathq' existed, no version recorded
+    old.execute("CREATE TABLE url (url TEXT PRIMARY KEY, host TEXT NOT NULL, kind TEXT NOT NULL)")
+    old.execute("INSERT INTO url VALUES ('https://a.test/x', 'a.test', 'page')")
+    old.commit()
+    old.close()
+    with caplog.at_level("WARNING", logger="scrapers.crawl"):
+        cs = CrawlState(state)
+    assert cs._q("SELECT url, pathq, nofollow FROM url") == []  # a fresh file of the current schema
+    cs.close()
+    (aside,) = state.glob("state.schema-1.*.sqlite")
+    assert sqlite3.connect(aside).execute("SELECT url FROM url").fetchall() == [("https://a.test/x",)]  # kept
+    assert "schema version 1" in caplog.text and aside.name in caplog.text
+    con = sqlite3.connect(state / "state.sqlite")
+    assert con.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION
+    con.close()
+    CrawlState(state).close()  # the current version opens as it is: nothing more moved aside
+    assert len(list(state.glob("state.schema-*.sqlite"))) == 1
