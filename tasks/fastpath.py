@@ -94,7 +94,11 @@ def prepare_base(model, fp: FastPath):
     (before PEFT wraps it). Returns the offloader, or None."""
     model.config.use_cache = False
     if fp.recompute:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        kw = {"use_reentrant": False}
+        if hasattr(model, "activation_checkpointing_enable"):  # transformers >= 5.2x; the old name warns there
+            model.activation_checkpointing_enable(activation_checkpointing_kwargs=kw)
+        else:  # transformers 5.17 (the GPU machine)
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kw)
         model.enable_input_require_grads()
         if fp.recompute_layers is not None:
             set_recompute_layers(model, fp.recompute_layers)
