@@ -47,7 +47,9 @@ def test_production_config_is_the_seed_recipe():
     lo = c.lora
     assert (lo.r, lo.alpha, lo.dropout, lo.target_modules, lo.bias) == (32, 64, 0.05, ["q_proj", "k_proj", "v_proj"], "all")
     t = c.train
-    assert (t.micro_batch_size, t.grad_accum, t.eval_every, t.save_every, t.epochs) == (8, 4, 400, 400, 2)
+    # the seed's 8 x 4 rows per optimizer step, taken as 4 x 8 without recomputation (the speed point)
+    assert (t.micro_batch_size * t.grad_accum, t.eval_every, t.save_every, t.epochs) == (32, 400, 400, 2)
+    assert (t.micro_batch_size, t.gradient_checkpointing, t.fast_lora, t.attention) == (4, False, True, "auto")
     assert (t.lr, t.optimizer, t.warmup_steps, t.scheduler) == (2e-4, "paged_adamw_8bit", 200, "cosine")
     assert c.split.eval_fraction == 0.1
     assert c.mix.ratios == {"recipes": 0.43, "product_compositions": 0.25, "articles": 0.18, "code": 0.10,
