@@ -11,7 +11,6 @@ Publishing never fails a run: an artifact that cannot be written is a warning in
 from __future__ import annotations
 
 import contextlib
-import json
 import logging
 import math
 import re
@@ -21,6 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from tasks.config import PipelineConfig
+from tasks.textio import read_jsonl
 
 log = logging.getLogger("flows.artifacts")
 
@@ -36,16 +36,6 @@ def _fmt(v: Any, nd: int = 4) -> str:
     if isinstance(v, float):
         return f"{v:.{nd}f}" if math.isfinite(v) else str(v)
     return str(v)
-
-
-def _read_jsonl(path: Path) -> list[dict[str, Any]]:
-    if not path.is_file():
-        return []
-    out = []
-    for line in path.read_text(encoding="utf-8").splitlines():
-        with contextlib.suppress(json.JSONDecodeError):
-            out.append(json.loads(line))
-    return out
 
 
 # ------------------------------------------------------------------------------------ builders
@@ -105,7 +95,7 @@ def mixture_table(m: dict[str, Any]) -> list[dict[str, Any]]:
 
 
 def training_markdown(run_dir: Path, train_m: dict[str, Any] | None) -> str:
-    recs = _read_jsonl(Path(run_dir) / "metrics.jsonl")
+    recs = read_jsonl(Path(run_dir) / "metrics.jsonl")
     train = [r for r in recs if "loss" in r]
     evals = [r for r in recs if "eval_loss" in r]
     c = (train_m or {}).get("counts", {})
@@ -294,7 +284,7 @@ def training_progress(cfg: PipelineConfig, run_dir: Path, total_steps: int | Non
     metrics = Path(run_dir) / "metrics.jsonl"
 
     def pct() -> float:
-        steps = [r["step"] for r in _read_jsonl(metrics) if "loss" in r]
+        steps = [r["step"] for r in read_jsonl(metrics) if "loss" in r]
         return min(100.0, 100.0 * steps[-1] / total_steps) if steps and total_steps else 0.0
 
     def follow() -> None:

@@ -41,7 +41,6 @@ from tasks.manifest import sha256_bytes
 
 log = logging.getLogger("scrapers.crawl")
 
-MAX_SITEMAP_BYTES = 50 * 1024 * 1024  # the sitemaps.org limit for one file
 PROGRESS_EVERY_S = 5.0
 MAX_SITEMAP_DEPTH = 3  # sitemap index -> sitemap -> ...; deeper nesting is a loop or abuse
 

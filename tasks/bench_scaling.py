@@ -28,12 +28,10 @@ from the worker's own ``metrics.jsonl``.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import shutil
 import signal
 import subprocess
-import sys
 import tempfile
 import time
 from pathlib import Path
@@ -110,16 +108,9 @@ def _config(data_root: Path, model: Path, world: int, micro: int, steps: int, ru
 
 # -------------------------------------------------------------------------------------- run
 def _records(run_dir: Path) -> list[dict]:
-    p = run_dir / "metrics.jsonl"
-    if not p.is_file():
-        return []
-    out = []
-    for line in p.read_text().splitlines():
-        try:
-            out.append(json.loads(line))
-        except json.JSONDecodeError:  # a line being written
-            pass
-    return out
+    from tasks.textio import read_jsonl
+
+    return read_jsonl(run_dir / "metrics.jsonl")
 
 
 class Launch:

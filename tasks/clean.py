@@ -490,8 +490,6 @@ def _clean_batch(job: tuple) -> list[tuple[str, dict[str, int], tuple[str, str] 
 
 
 INDEX = "index.parquet"
-# validation verdicts are recomputed every run (cheap); only the rest is remembered in the index
-VALIDATION_REASONS = frozenset({"missing_doc_id", "unknown_category", "category_mismatch", "empty", "duplicate_doc_id"})
 
 
 def _stage_config(cfg: PipelineConfig) -> dict[str, Any]:

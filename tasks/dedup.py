@@ -363,13 +363,10 @@ class ExternalDedup:
             if len(self._run) >= self.RUN_DOCS:
                 self._write_run(self._run, self._runs, sort=True)
 
-    def add_prior_cluster(self, rep: int, category: str) -> None:
-        """An earlier run's near-duplicate of ``category`` that joined prior document ``rep`` (its
-        arrival number) and stays removed: counted in the cluster report with this run's."""
-        self.add_prior_clusters(np.array([rep], np.int64), np.array([self.categories.index(category)], np.uint8))
-
     def add_prior_clusters(self, reps: np.ndarray, cats: np.ndarray) -> None:
-        """``add_prior_cluster`` for arrays of arrivals and category numbers (9 bytes each, no Python object)."""
+        """Earlier runs' near-duplicates (category numbers ``cats``) that joined prior documents ``reps``
+        (arrival numbers) and stay removed: counted in the cluster report with this run's (9 bytes
+        each, no Python object)."""
         cl = np.empty(len(reps), _CLUSTER)
         cl["rep"], cl["cat"] = reps, cats
         self._prior_clusters.append(cl)

@@ -31,9 +31,6 @@ def quiet_libraries() -> None:
     hf_logging.disable_progress_bar()
     logging.getLogger("bitsandbytes").setLevel(logging.ERROR)
 
-QUANT_RECORD = "quantization.json"
-
-
 def _slug(name: str) -> str:
     return name.replace("/", "--")
 

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any
 
@@ -11,15 +10,11 @@ import matplotlib
 matplotlib.use("Agg")  # headless: no display on servers or CI
 import matplotlib.pyplot as plt  # noqa: E402
 
-
-def _read_jsonl(path: Path) -> list[dict[str, Any]]:
-    if not path.is_file():
-        return []
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+from tasks.textio import read_jsonl  # noqa: E402
 
 
 def plot_training(metrics_path: Path, out: Path) -> Path:
-    recs = _read_jsonl(metrics_path)
+    recs = read_jsonl(metrics_path)
     train = [r for r in recs if "loss" in r]
     evals = [r for r in recs if "eval_loss" in r]
     fig, axes = plt.subplots(1, 3, figsize=(15, 4))

@@ -9,10 +9,12 @@ bounded by the batch size, not the corpus.
 from __future__ import annotations
 
 import contextlib
+import json
 import logging
 import time
 from collections.abc import Iterable, Iterator
 from pathlib import Path
+from typing import Any
 
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -76,6 +78,18 @@ def batch_rows_for(pf: pq.ParquetFile, columns: list[str] | None, batch_rows: in
                        if rg.column(c).path_in_schema.split(".")[0] in names)
             widest = max(widest, size / rg.num_rows)
     return max(1, min(batch_rows, int(max_bytes // widest))) if widest else batch_rows
+
+
+def read_jsonl(path: Path) -> list[dict[str, Any]]:
+    """The records of a JSONL file that a live process may be appending to: a torn last line is
+    skipped, a missing file is empty."""
+    if not path.is_file():
+        return []
+    out = []
+    for line in path.read_text(encoding="utf-8").splitlines():
+        with contextlib.suppress(json.JSONDecodeError):
+            out.append(json.loads(line))
+    return out
 
 
 def num_rows(path: Path) -> int:
