@@ -345,6 +345,10 @@ class TrainConfig(Section):
         default=True, description="One autograd function per LoRA-wrapped 4-bit linear: saves the layer input "
         "once (shared by q/k/v) instead of float32 and dropped copies per projection, and dequantizes the frozen "
         "weight again in the backward. Same adapter layout; off under FSDP.")
+    triton_kernels: bool | Literal["auto"] = Field(
+        default="auto", description="Triton kernels in the fast path (tasks/kernels.py): one-pass NF4 dequantization "
+        "for every frozen 4-bit linear (bit-equal to bitsandbytes') and LoRA dropout drawn and applied in one pass. "
+        "auto = on with CUDA when Triton is installed.")
     recompute_layers: int | None = Field(
         default=None, ge=0, description="With gradient_checkpointing: recompute only the first N decoder layers "
         "(the others keep their activations: faster, more memory). None = every layer.")

@@ -1,6 +1,6 @@
 """The fast QLoRA training path (issue 6), switched by the ``train`` section of the config.
 
-Four independent pieces, each correct on its own and each measured in tasks/BENCH_NOTES.md:
+Five independent pieces, each correct on its own and each measured in tasks/BENCH_NOTES.md:
 
 - **varlen attention** (``train.attention``): packed rows go to a variable-length flash kernel
   (``torch.nn.attention.varlen.varlen_attn``) with ``cu_seqlens`` built from the position ids, so
@@ -11,6 +11,9 @@ Four independent pieces, each correct on its own and each measured in tasks/BENC
   the layer input (one storage shared by q, k and v, which read the same tensor), the small
   x·Aᵀ and the seed of the dropout mask, never a dequantized weight or a float32/dropped copy of x;
   the backward dequantizes W again. PEFT's module tree is untouched (adapters save and load as before).
+- **Triton kernels** (``train.triton_kernels``, tasks/kernels.py): every frozen 4-bit linear (the LoRA
+  ones and o/gate/up/down) dequantizes its weight in one kernel, bit-equal to bitsandbytes', in forward
+  and backward; the LoRA dropout mask is drawn and applied in one pass from (seed, element index).
 - **selective recomputation** (``train.recompute_layers``): checkpoint only the first N decoder layers.
 - **activation offload** (``train.activation_offload``): the inputs that gradient checkpointing keeps
   per layer go to pinned CPU memory on a side stream and come back one layer ahead of the backward.
@@ -18,6 +21,7 @@ Four independent pieces, each correct on its own and each measured in tasks/BENC
 
 from __future__ import annotations
 
+import collections
 import inspect
 import logging
 import types
@@ -26,6 +30,8 @@ from dataclasses import asdict, dataclass
 from typing import Any
 
 import torch
+
+from tasks import kernels
 
 log = logging.getLogger(__name__)
 
@@ -43,6 +49,7 @@ class FastPath:
     recompute: bool
     recompute_layers: int | None
     offload: bool
+    kernels: bool = False
 
     @property
     def attn_implementation(self) -> str | None:
@@ -82,11 +89,17 @@ def resolve(tc, cuda: bool | None = None, fsdp: bool = False) -> FastPath:
     if liger == "auto":
         liger = cuda and liger_available()
     offload = bool(tc.activation_offload and cuda)
+    triton_on = tc.triton_kernels
+    if triton_on == "auto":
+        triton_on = cuda and kernels.triton is not None
+    elif triton_on and kernels.triton is None:
+        raise ValueError("train.triton_kernels=true needs Triton (pip install triton)")
     if tc.activation_offload and not cuda:
         log.warning("train.activation_offload: no CUDA device, nothing to offload from; ignored")
     return FastPath(attention=attention, liger=bool(liger), fast_lora=bool(tc.fast_lora and not fsdp),
                     recompute=tc.gradient_checkpointing,
-                    recompute_layers=tc.recompute_layers if tc.gradient_checkpointing else None, offload=offload)
+                    recompute_layers=tc.recompute_layers if tc.gradient_checkpointing else None, offload=offload,
+                    kernels=bool(triton_on and not fsdp))
 
 
 def prepare_base(model, fp: FastPath):
@@ -106,8 +119,11 @@ def prepare_base(model, fp: FastPath):
 
 
 def prepare_peft(peft_model, fp: FastPath) -> int:
-    """The fast LoRA forward on every LoRA-wrapped 4-bit linear; returns how many were switched."""
-    return enable_fast_lora(peft_model) if fp.fast_lora else 0
+    """The fast LoRA forward on every LoRA-wrapped 4-bit linear, and with ``kernels`` the one-kernel
+    dequantization on the other frozen 4-bit linears; returns how many LoRA layers were switched."""
+    if fp.kernels:
+        enable_fast_nf4(peft_model)
+    return enable_fast_lora(peft_model, kernels=fp.kernels) if fp.fast_lora else 0
 
 
 # ------------------------------------------------------------------------ varlen attention
@@ -130,14 +146,21 @@ def cu_seqlens_from_position_ids(position_ids: torch.Tensor) -> torch.Tensor:
     return torch.cat([idx, total]).to(torch.int32)
 
 
-_cu_cache: dict[str, Any] = {"pos": None, "cu": None}
+_cu_cache: dict[str, Any] = {"pos": None, "shape": None, "cu": None}
 
 
-def _cu_for(position_ids: torch.Tensor) -> torch.Tensor:
-    # every layer (and every recomputed layer) of one forward gets the same position_ids tensor:
-    # build cu_seqlens (one host sync for nonzero) once per forward, not once per layer
-    if _cu_cache["pos"] is not position_ids:
-        _cu_cache["pos"], _cu_cache["cu"] = position_ids, cu_seqlens_from_position_ids(position_ids)
+def _cu_for(position_ids: torch.Tensor | None, b: int, s: int, device) -> torch.Tensor:
+    """cu_seqlens for the model's ``position_ids`` (None: one sequence a row).
+
+    Every layer (and every recomputed layer) of one forward gets the same position_ids object, so
+    the nonzero behind cu_seqlens, a host sync, runs once per forward. Keyed on that object as the
+    model passes it (a view made here would be new in every layer: one sync per layer measured
+    ~95 ms of GPU idle a step on Mistral-Small-24B). The cache holds the tensor, so its id is never
+    reused while cached."""
+    if position_ids is None:  # no documents: row boundaries only, no sync
+        return torch.arange(0, b * s + 1, s, device=device, dtype=torch.int32)
+    if _cu_cache["pos"] is not position_ids or _cu_cache["shape"] != (b, s):
+        _cu_cache.update(pos=position_ids, shape=(b, s), cu=cu_seqlens_from_position_ids(position_ids.expand(b, s)))
     return _cu_cache["cu"]
 
 
@@ -202,12 +225,9 @@ def varlen_attention_forward(module, query, key, value, attention_mask, dropout:
     b, hq, s, d = query.shape
     if sliding_window is not None and sliding_window >= s:
         sliding_window = None  # a window longer than the row changes nothing
-    position_ids = kwargs.get("position_ids")
-    if position_ids is None:
-        position_ids = torch.arange(s, device=query.device)[None]
-    position_ids = position_ids.expand(b, s)
+    given = kwargs.get("position_ids")
     if _varlen_ok(query, attention_mask, dropout, scaling, sliding_window):
-        cu = _cu_for(position_ids)
+        cu = _cu_for(given, b, s, query.device)
         # (B, H, S, D) -> (B*S, H, D): the layout flash kernels read
         q = query.transpose(1, 2).reshape(b * s, hq, d)
         k = key.transpose(1, 2).reshape(b * s, key.shape[1], d)
@@ -215,6 +235,7 @@ def varlen_attention_forward(module, query, key, value, attention_mask, dropout:
         # max_len is an upper bound (the row length): the true maximum would cost a host sync per layer
         out = _varlen_call(q, k, v, cu, s, scaling, sliding_window)
         return out.view(b, s, hq, d), None
+    position_ids = (torch.arange(s, device=query.device)[None] if given is None else given).expand(b, s)
     key_valid = None
     if attention_mask is not None:
         if attention_mask.dim() != 2:
@@ -269,10 +290,38 @@ def dropout_mask(shape, p: float, seed: int, device, dtype) -> torch.Tensor:
         return torch.empty(shape, device=device, dtype=torch.float32).bernoulli_(1.0 - p, generator=g).to(dtype)
 
 
-def _dequantize(weight, quant_state) -> torch.Tensor:
+def _dequantize(weight, quant_state, use_kernels: bool = False) -> torch.Tensor:
+    """The (out, in) weight, as bnb's own backward dequantizes it (Triton's one kernel, bit-equal, when on)."""
+    if use_kernels:
+        return kernels.dequantize_nf4(weight, quant_state)
     import bitsandbytes.functional as F
 
-    return F.dequantize_4bit(weight.view(-1, 1), quant_state)  # (out, in), as bnb's own backward does
+    return F.dequantize_4bit(weight.view(-1, 1), quant_state)
+
+
+def _drop(x: torch.Tensor, p: float, seed: int, use_kernels: bool, out: torch.Tensor | None = None) -> torch.Tensor:
+    """x with dropout(p)'s dropped elements zeroed (no rescaling), the same elements for the same seed
+    and shape: in one Triton pass where on, else torch's bernoulli from a seeded generator."""
+    if use_kernels:
+        return kernels.dropout_keep(x, p, seed, out=out)
+    keep = dropout_mask(x.shape, p, seed, x.device, x.dtype)
+    return x.mul_(keep) if out is x else torch.mul(x, keep, out=out)
+
+
+class NF4Linear(torch.autograd.Function):
+    """y = x·deq(W)ᵀ for a frozen bitsandbytes 4-bit W, dequantized by the Triton kernel in the forward
+    and again in the backward; nothing but references is saved (as bnb's own MatMul4Bit)."""
+
+    @staticmethod
+    def forward(ctx, x, weight, quant_state):
+        ctx.weight, ctx.quant_state = weight, quant_state
+        return torch.nn.functional.linear(x, _dequantize(weight, quant_state, True).to(x.dtype))
+
+    @staticmethod
+    def backward(ctx, grad):
+        if not ctx.needs_input_grad[0]:
+            return None, None, None
+        return torch.matmul(grad, _dequantize(ctx.weight, ctx.quant_state, True).to(grad.dtype)), None, None
 
 
 class QLoraLinear(torch.autograd.Function):
@@ -283,18 +332,23 @@ class QLoraLinear(torch.autograd.Function):
     x. The LoRA matmuls run in x's dtype (bf16 on GPU), their gradients are returned in A's/B's dtype."""
 
     @staticmethod
-    def forward(ctx, x, lora_a, lora_b, weight, quant_state, scaling: float, p: float, seed: int):
-        import bitsandbytes as bnb
+    def forward(ctx, x, lora_a, lora_b, weight, quant_state, scaling: float, p: float, seed: int, use_kernels: bool):
+        if use_kernels:
+            out = torch.nn.functional.linear(x, _dequantize(weight, quant_state, True).to(x.dtype))
+        else:
+            import bitsandbytes as bnb
 
-        out = bnb.matmul_4bit(x, weight, quant_state=quant_state)  # no grad here: bnb's inference kernel
+            out = bnb.matmul_4bit(x, weight, quant_state=quant_state)  # no grad here: bnb's inference kernel
         a, b = lora_a.to(x.dtype), lora_b.to(x.dtype)
-        xd = x * dropout_mask(x.shape, p, seed, x.device, x.dtype) if p > 0 else x
+        xd = _drop(x, p, seed, use_kernels) if p > 0 else x
         h = xd @ a.t()
+        del xd
         scaling = scaling / (1.0 - p)  # dropout's rescaling, applied on r values instead of on x
         out = out.to(x.dtype)
         out.add_(h @ b.t(), alpha=scaling)
         ctx.save_for_backward(x, lora_a, lora_b, h)
         ctx.weight, ctx.quant_state, ctx.scaling, ctx.p, ctx.seed = weight, quant_state, scaling, p, seed
+        ctx.use_kernels = use_kernels
         return out
 
     @staticmethod
@@ -304,20 +358,21 @@ class QLoraLinear(torch.autograd.Function):
         g = grad.to(dt).reshape(-1, grad.shape[-1])
         x2, h2 = x.reshape(-1, x.shape[-1]), h.reshape(-1, h.shape[-1])
         a, b = lora_a.to(dt), lora_b.to(dt)
-        keep = dropout_mask(x.shape, ctx.p, ctx.seed, x.device, dt).reshape(x2.shape) if ctx.p > 0 else None
+        p, seed, uk = ctx.p, ctx.seed, ctx.use_kernels
         gh = (g @ b).mul_(ctx.scaling)  # dL/dh
         grad_b = (g.t() @ h2).mul_(ctx.scaling) if ctx.needs_input_grad[2] else None
-        grad_a = gh.t() @ (x2 * keep if keep is not None else x2) if ctx.needs_input_grad[1] else None
+        # the forward's mask again, from its seed: x2 and lora_x have x's shape, so the same elements drop
+        grad_a = gh.t() @ (_drop(x2, p, seed, uk) if p > 0 else x2) if ctx.needs_input_grad[1] else None
         grad_x = None
         if ctx.needs_input_grad[0]:
-            w = _dequantize(ctx.weight, ctx.quant_state).to(dt)
+            w = _dequantize(ctx.weight, ctx.quant_state, uk).to(dt)
             lora_x = gh @ a
-            if keep is not None:
-                lora_x.mul_(keep)
+            if p > 0:
+                _drop(lora_x, p, seed, uk, out=lora_x)
             grad_x = torch.addmm(lora_x, g, w).reshape(x.shape)
             del w
         return (grad_x, None if grad_a is None else grad_a.to(lora_a.dtype),
-                None if grad_b is None else grad_b.to(lora_b.dtype), None, None, None, None, None)
+                None if grad_b is None else grad_b.to(lora_b.dtype), None, None, None, None, None, None)
 
 
 def _fast_lora_forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
@@ -346,32 +401,68 @@ def _fast_lora_forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
     drop = self.lora_dropout[name]
     p = float(drop.p) if isinstance(drop, torch.nn.Dropout) and drop.training else 0.0
     compute = getattr(base, "compute_dtype", None) or x.dtype
-    out = QLoraLinear.apply(x.to(compute), self.lora_A[name].weight, self.lora_B[name].weight, weight, qs,
-                            float(self.scaling[name]), p, _draw_seed() if p > 0 else 0)
+    x = x.to(compute)
+    use_kernels = bool(getattr(self, "_d2a_kernels", False)) and kernels.dequant_supported(weight, qs)
+    if use_kernels and not x.is_contiguous():  # the dropout mask follows the element index
+        x = x.contiguous()
+    out = QLoraLinear.apply(x, self.lora_A[name].weight, self.lora_B[name].weight, weight, qs,
+                            float(self.scaling[name]), p, _draw_seed() if p > 0 else 0, use_kernels)
     if base.bias is not None:
         out = out + base.bias.to(out.dtype)
     return out.to(x.dtype)
 
 
-def enable_fast_lora(model) -> int:
-    """Switch every PEFT LoRA layer over a bitsandbytes 4-bit linear to the fused function. The
-    module tree, parameter names and PEFT's save/load stay exactly as they were."""
+def enable_fast_lora(model, kernels: bool = False) -> int:
+    """Switch every PEFT LoRA layer over a bitsandbytes 4-bit linear to the fused function (with the
+    Triton kernels when ``kernels``). The module tree, parameter names and PEFT's save/load stay
+    exactly as they were."""
     from peft.tuners.lora.bnb import Linear4bit as LoraLinear4bit
 
     n = 0
     for mod in model.modules():
         if isinstance(mod, LoraLinear4bit) and "forward" not in mod.__dict__:
             mod.forward = types.MethodType(_fast_lora_forward, mod)
+            mod._d2a_kernels = kernels
+            n += 1
+    return n
+
+
+def _fast_nf4_forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
+    """Replaces bitsandbytes' Linear4bit.forward on one frozen instance while training: the same
+    product through NF4Linear (one-kernel dequantization). Inference, extra arguments and layouts the
+    kernel does not read go to bitsandbytes' own forward."""
+    weight = self.weight
+    qs = getattr(weight, "quant_state", None)
+    if (args or kwargs or not torch.is_grad_enabled() or qs is None or weight.requires_grad
+            or not kernels.dequant_supported(weight, qs)):
+        return type(self).forward(self, x, *args, **kwargs)
+    compute = getattr(self, "compute_dtype", None) or x.dtype
+    out = NF4Linear.apply(x.to(compute), weight, qs)
+    if self.bias is not None:
+        out = out + self.bias.to(out.dtype)
+    return out.to(x.dtype)
+
+
+def enable_fast_nf4(model) -> int:
+    """The one-kernel dequantization on every bitsandbytes 4-bit linear that LoRA does not wrap."""
+    import bitsandbytes as bnb
+
+    n = 0
+    for mod in model.modules():
+        if type(mod) is bnb.nn.Linear4bit and "forward" not in mod.__dict__:
+            mod.forward = types.MethodType(_fast_nf4_forward, mod)
             n += 1
     return n
 
 
 def disable_fast_lora(model) -> int:
+    """Back to PEFT's and bitsandbytes' own forwards; returns how many LoRA layers were switched back."""
     n = 0
     for mod in model.modules():
-        if mod.__dict__.get("forward") is not None and getattr(mod.forward, "__func__", None) is _fast_lora_forward:
+        fn = getattr(mod.__dict__.get("forward"), "__func__", None)
+        if fn is _fast_lora_forward or fn is _fast_nf4_forward:
             del mod.forward
-            n += 1
+            n += fn is _fast_lora_forward
     return n
 
 
@@ -421,11 +512,16 @@ class ActivationOffload:
     another one, the next one ahead (the backward visits layers in reverse), so the copies overlap
     compute. Inside a checkpointed layer torch's own hooks take precedence (nothing is saved there)."""
 
-    def __init__(self, min_bytes: int = 1 << 20):
+    def __init__(self, min_bytes: int = 1 << 20, max_ahead: int = 3):
         self.min_bytes = min_bytes
         self.d2h_stream = torch.cuda.Stream()
         self.h2d_stream = torch.cuda.Stream()
         self.entries: list[weakref.ref] = []
+        # The host may run at most this many offloaded tensors ahead of the GPU: memory a copy still
+        # reads (or a prefetched tensor the backward has not reached) is not reusable, and an
+        # unbounded lead grew reserved memory from 19.5 to 22.8 GiB on Mistral-Small-24B at batch 8.
+        self.max_ahead = max_ahead
+        self._ahead: collections.deque = collections.deque()
         self.bytes_offloaded = 0  # of the last forward, for tests and the bench
         self._ctx = None
 
@@ -463,7 +559,15 @@ class ActivationOffload:
         e = _Offloaded(self, len(self.entries), buf, t.device, ev)
         self.entries.append(weakref.ref(e))
         self.bytes_offloaded += nbytes
+        self._bound(cur)
         return e
+
+    def _bound(self, stream) -> None:
+        """Mark where the GPU's compute stream is now; wait (host side) until it has passed the mark
+        ``max_ahead`` offloads back. The GPU is the bottleneck here (recompute), so this costs nothing."""
+        self._ahead.append(stream.record_event())
+        while len(self._ahead) > self.max_ahead:
+            self._ahead.popleft().synchronize()
 
     def unpack(self, e):
         if isinstance(e, torch.Tensor):
@@ -478,4 +582,5 @@ class ActivationOffload:
         cur.wait_event(e.h2d)
         t, e.gpu = e.gpu, None
         t.record_stream(cur)
+        self._bound(cur)
         return t

@@ -10,6 +10,10 @@ import pytest
 
 REPO = Path(__file__).resolve().parent.parent
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+# No GPU here: the fast path's Triton kernels (tasks/kernels.py) run in Triton's CPU interpreter,
+# which is chosen when the kernels are defined, so before anything imports tasks.kernels
+if not Path("/dev/nvidiactl").exists():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 
 CORPUS = [
     "Red lentil soup: rinse the lentils, soften onion and carrot in olive oil, add cumin and stock.",

@@ -25,6 +25,20 @@ def test_cu_seqlens_from_position_ids():
     assert fastpath.cu_seqlens_from_position_ids(torch.arange(16).view(2, 8)).tolist() == [0, 8, 16]
 
 
+def test_cu_seqlens_built_once_per_forward(monkeypatch):
+    """Every layer gets the model's one position_ids object: cu_seqlens (a host sync for nonzero on a
+    GPU) is built for the first layer only, and again only for another batch."""
+    calls = []
+    real = fastpath.cu_seqlens_from_position_ids
+    monkeypatch.setattr(fastpath, "cu_seqlens_from_position_ids", lambda p: calls.append(1) or real(p))
+    pos = torch.tensor([[0, 1, 2, 0, 1, 2, 3, 4]])  # (1, S), expanded to the batch as the model passes it
+    first = fastpath._cu_for(pos, 2, 8, "cpu")
+    assert all(fastpath._cu_for(pos, 2, 8, "cpu") is first for _ in range(40)) and len(calls) == 1
+    assert first.tolist() == [0, 3, 8, 11, 16]
+    assert fastpath._cu_for(pos.clone(), 2, 8, "cpu").tolist() == [0, 3, 8, 11, 16] and len(calls) == 2
+    assert fastpath._cu_for(None, 2, 8, "cpu").tolist() == [0, 8, 16] and len(calls) == 2  # no documents: no sync
+
+
 def _per_document_reference(q, k, v, pos):
     """Each document on its own through plain causal SDPA (GQA by repeating KV heads)."""
     rep = q.shape[1] // k.shape[1]

@@ -220,7 +220,7 @@ def test_varlen_attention_stays_inside_documents():
     assert rel(gq, rq) < 2e-2 and rel(gk, rk) < 2e-2 and rel(gv, rv) < 2e-2
 
 
-def _small_peft(model_dir, attn, fast_lora, seed=0, recompute=False, offload=False, dropout=0.0):
+def _small_peft(model_dir, attn, fast_lora, seed=0, recompute=False, offload=False, dropout=0.0, kernels=False):
     from peft import LoraConfig, get_peft_model
 
     from tasks import fastpath
@@ -229,7 +229,7 @@ def _small_peft(model_dir, attn, fast_lora, seed=0, recompute=False, offload=Fal
 
     mc = ModelConfig(name=str(model_dir), quantization=QuantizationConfig(compute_dtype="bfloat16"))
     fp = fastpath.FastPath(attention=attn, liger=False, fast_lora=fast_lora, recompute=recompute,
-                           recompute_layers=None, offload=offload)
+                           recompute_layers=None, offload=offload, kernels=kernels)
     base = load_base(str(model_dir), mc, device_map={"": 0}, attn_implementation=fp.attn_implementation)
     off = fastpath.prepare_base(base, fp)
     if off is not None:
@@ -266,15 +266,25 @@ def _grads_close(a: dict, b: dict, min_cos=0.995, max_rel=5e-2):
         assert cos > min_cos and rel < max_rel, (k, float(cos), float(rel))
 
 
-def test_fast_path_matches_plain_peft(small_model_dir):
-    """varlen attention + the fused LoRA function against transformers' SDPA mask path + PEFT's own
-    LoRA forward, bf16 on NF4: the same loss and LoRA gradients on the same packed batch."""
+@pytest.mark.parametrize("kernels", [False, True])
+def test_fast_path_matches_plain_peft(small_model_dir, kernels):
+    """varlen attention + the fused LoRA function (+ the Triton kernels) against transformers' SDPA
+    mask path + PEFT's own LoRA forward, bf16 on NF4: the same loss and LoRA gradients on the same
+    packed batch."""
     batch = _batch(small_model_dir)
     plain, _ = _small_peft(small_model_dir, "sdpa", fast_lora=False)
     l0, g0 = _loss_and_grads(plain, batch)
     del plain
-    fast, _ = _small_peft(small_model_dir, "varlen", fast_lora=True)
-    l1, g1 = _loss_and_grads(fast, batch)
+    fast, _ = _small_peft(small_model_dir, "varlen", fast_lora=True, kernels=kernels)
+    from tasks import fastpath
+
+    calls, real = [], fastpath.cu_seqlens_from_position_ids
+    fastpath.cu_seqlens_from_position_ids = lambda p: calls.append(1) or real(p)
+    try:
+        l1, g1 = _loss_and_grads(fast, batch)
+    finally:
+        fastpath.cu_seqlens_from_position_ids = real
+    assert len(calls) == 1  # one host sync a forward, not one a layer
     assert l1 == pytest.approx(l0, rel=1e-2)
     _grads_close(g1, g0)
     # and the documents matter: without position ids (one sequence a row) the loss differs
