@@ -33,6 +33,7 @@ import argparse
 import gc
 import json
 import os
+import re
 import time
 from pathlib import Path
 
@@ -202,6 +203,73 @@ def run_path(name: str, model, data, steps: int, warmup: int, lr: float, device,
             "losses": losses}
 
 
+# kernel name -> category, first match wins (cuBLAS/CUTLASS GEMMs, bitsandbytes, flash, liger's Triton, ...)
+KERNEL_CATEGORIES = [
+    ("attention", r"flash|fmha|attention"),
+    ("gemm", r"gemm|cutlass|nvjet|xmma|sm90_|ampere_|cublas"),
+    ("nf4 dequant", r"kDequantize|dequantize|_nf4_dequant"),
+    ("dropout", r"bernoulli|philox|fused_dropout|distribution|_dropout_keep"),
+    ("liger", r"rms_norm|rope|swiglu|liger|cross_entropy"),
+    ("optimizer", r"kOptimizer|adam|Adam|kPreconditionOptimizer|multi_tensor"),
+    ("copy / cast", r"copy|Memcpy|Memset|cast|CatArrayBatched"),
+    ("elementwise", r"elementwise|vectorized|unrolled|pointwise|reduce"),
+]
+
+
+def kernel_breakdown(prof, wall_s: float, top: int = 25) -> str:
+    """The GPU time of one profiled step by kernel category and the top kernels, as text."""
+    cats: dict[str, float] = {}
+    kernels = []
+    for ev in prof.key_averages():
+        t = getattr(ev, "self_device_time_total", None)
+        if t is None:
+            t = getattr(ev, "self_cuda_time_total", 0)
+        if not t or str(getattr(ev, "device_type", "")).split(".")[-1] != "CUDA":
+            continue
+        cat = next((c for c, rx in KERNEL_CATEGORIES if re.search(rx, ev.key)), "other")
+        cats[cat] = cats.get(cat, 0.0) + t / 1e6
+        kernels.append((t / 1e6, ev.count, cat, ev.key))
+    busy = sum(cats.values())
+    lines = [f"GPU busy {busy * 1e3:,.0f} ms of a {wall_s * 1e3:,.0f} ms step ({busy / wall_s:.1%})"]
+    for c, t in sorted(cats.items(), key=lambda kv: -kv[1]):
+        lines.append(f"  {c:<16}{t * 1e3:>9,.1f} ms {t / wall_s:>7.1%}")
+    lines.append(f"  top {top} kernels:")
+    for t, n, c, k in sorted(kernels, reverse=True)[:top]:
+        lines.append(f"  {t * 1e3:>9,.1f} ms {n:>6}x  [{c}] {k[:110]}")
+    return "\n".join(lines)
+
+
+def profile_step(name: str, model, b: dict, device, out_dir: str | None, trace: bool = False) -> None:
+    """One more training step (forward, backward; no optimizer) under torch.profiler: where the GPU
+    time goes, printed and written next to --out."""
+    import torch
+    from torch.profiler import ProfilerActivity, profile
+
+    b = {k: v.to(device) for k, v in b.items()}
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        t0 = time.perf_counter()
+        model(**b, use_cache=False).loss.backward()
+        torch.cuda.synchronize()
+        wall = time.perf_counter() - t0
+    model.zero_grad(set_to_none=True)
+    text = kernel_breakdown(prof, wall)
+    print(f"  profile of {name} (forward + backward):\n{text}", flush=True)
+    if out_dir:
+        Path(out_dir).mkdir(parents=True, exist_ok=True)
+        stem = Path(out_dir) / f"profile-{re.sub(r'[^A-Za-z0-9_.-]', '_', name)}"
+        stem.with_suffix(".txt").write_text(text + "\n\n" + prof.key_averages().table(sort_by="self_cuda_time_total",
+                                                                                       row_limit=60))
+        if trace:  # chrome://tracing or ui.perfetto.dev; gzip: a step's trace is tens of MB
+            import gzip
+
+            raw = stem.with_suffix(".json")
+            prof.export_chrome_trace(str(raw))
+            with open(raw, "rb") as f, gzip.open(stem.with_suffix(".json.gz"), "wb") as g:
+                g.write(f.read())
+            raw.unlink()
+
+
 def lora_cfg(dropout: float = 0.05):
     from peft import LoraConfig
 
@@ -217,16 +285,17 @@ def lora_cfg(dropout: float = 0.05):
 #   +liger       liger-kernel RoPE/RMSNorm/SwiGLU/fused linear cross-entropy  (train.liger_kernel)
 #   +varlen      varlen flash attention over the documents                       (train.attention=varlen)
 #   +fastlora    the fused NF4+LoRA autograd function                            (train.fast_lora)
+#   +kernels     Triton NF4 dequantization and one-pass LoRA dropout             (train.triton_kernels)
 #   +norecompute no gradient checkpointing                                       (train.gradient_checkpointing=false)
 #   +ckptN       recompute only the first N decoder layers                       (train.recompute_layers=N)
 #   +offload     checkpoint inputs in pinned CPU memory                          (train.activation_offload)
 #   +drop0       LoRA dropout 0 instead of the recipe's 0.05 (Unsloth's fast path needs 0)
 # The two operating points of issue 6:
 PRESETS = {
-    "speed": "project+liger+varlen+fastlora+norecompute@4",
-    "lowmem": "project+liger+varlen+fastlora+offload",
+    "speed": "project+liger+varlen+fastlora+kernels+norecompute@4",
+    "lowmem": "project+liger+varlen+fastlora+kernels+offload",
 }
-MODS = ("liger", "varlen", "fastlora", "norecompute", "offload")
+MODS = ("liger", "varlen", "fastlora", "kernels", "norecompute", "offload")
 
 
 def parse_row(spec: str, default_batch: int, project_mods: list[str]) -> dict:
@@ -242,10 +311,11 @@ def parse_row(spec: str, default_batch: int, project_mods: list[str]) -> dict:
     mods = parts[1:] + (project_mods if parts[0] == "project" and label == "project" else [])
     row = {"label": label if label != "project" or not project_mods else "+".join(["project", *project_mods]),
            "seed": parts[0] == "seed", "batch": int(batch) if batch else default_batch,
-           "liger": False, "varlen": False, "fastlora": False, "recompute": True, "recompute_layers": None,
+           "liger": False, "varlen": False, "fastlora": False, "kernels": False, "recompute": True,
+           "recompute_layers": None,
            "offload": False, "dropout": None}
     for m in mods:
-        if m in ("liger", "varlen", "fastlora", "offload"):
+        if m in ("liger", "varlen", "fastlora", "kernels", "offload"):
             row[m] = True
         elif m == "drop0":
             row["dropout"] = 0.0
@@ -255,7 +325,7 @@ def parse_row(spec: str, default_batch: int, project_mods: list[str]) -> dict:
             row["recompute"], row["recompute_layers"] = True, int(m[4:])
         else:
             raise ValueError(f"row {spec!r}: unknown modifier {m!r} (known: {', '.join(MODS)}, drop0, ckptN)")
-    if row["seed"] and any(row[k] for k in ("liger", "varlen", "fastlora", "offload")):
+    if row["seed"] and any(row[k] for k in ("liger", "varlen", "fastlora", "kernels", "offload")):
         raise ValueError(f"row {spec!r}: the seed path takes no modifiers")
     return row
 
@@ -321,7 +391,8 @@ def run(args) -> None:
             else:
                 fp = fastpath.FastPath(attention="varlen" if row["varlen"] else "sdpa", liger=row["liger"],
                                        fast_lora=row["fastlora"], recompute=row["recompute"],
-                                       recompute_layers=row["recompute_layers"], offload=row["offload"] and cuda)
+                                       recompute_layers=row["recompute_layers"], offload=row["offload"] and cuda,
+                                       kernels=row["kernels"] and cuda)
                 fastpath.prepare_base(model, fp)
             torch.manual_seed(0)
             pm = get_peft_model(model, lora_cfg(args.lora_dropout if row["dropout"] is None else row["dropout"]))
@@ -329,6 +400,8 @@ def run(args) -> None:
                 fastpath.prepare_peft(pm, fp)
             r = run_path(row["label"], pm, data_by_batch[row["batch"]], args.steps, args.warmup, 2e-4, device,
                          seed_collator=row["seed"])
+            if args.profile and cuda:
+                profile_step(row["label"], pm, data_by_batch[row["batch"]][0], device, args.profile, args.trace)
             off = getattr(model, "_d2a_offload", None)
             if off is not None:
                 r["offloaded_gib"] = off.bytes_offloaded / 2**30
@@ -364,6 +437,54 @@ def run(args) -> None:
                                               "versions": {"torch": torch.__version__}}, indent=2, default=str))
 
 
+def bench_kernels(args) -> None:
+    """The fast path's Triton kernels against what they replace, on the Mistral-Small-24B shapes
+    (one decoder layer's weights, a batch of ``--tokens`` hidden states): time and bandwidth."""
+    import bitsandbytes.functional as F
+    import torch
+
+    from tasks import fastpath, kernels
+
+    if not torch.cuda.is_available():
+        raise SystemExit("bench kernels needs a CUDA GPU")
+    from triton.testing import do_bench
+
+    cfg = make_config("mistral-small-24b", None)
+    h, i = cfg.hidden_size, cfg.intermediate_size
+    q_out, kv_out = cfg.num_attention_heads * cfg.head_dim, cfg.num_key_value_heads * cfg.head_dim
+    shapes = {"q": (q_out, h), "k/v": (kv_out, h), "o": (h, q_out), "gate/up/down": (i, h)}
+    rows = args.rows
+    print(f"{'NF4 dequant (out, in)':<28}{'bnb ms':>9}" + "".join(f"{'rows=' + str(r):>10}" for r in rows)
+          + f"{'bnb GB/s':>10}{'best GB/s':>10}  equal")
+    layer_bnb, layer_tri = 0.0, [0.0] * len(rows)
+    for name, shape in shapes.items():
+        w = torch.randn(shape, device="cuda", dtype=torch.bfloat16) * 0.02
+        qw, qs = F.quantize_4bit(w, blocksize=64, compress_statistics=True, quant_type="nf4")
+        t_bnb = do_bench(lambda: F.dequantize_4bit(qw, qs), warmup=10, rep=50)
+        t_tri = [do_bench(lambda r=r: kernels.dequantize_nf4(qw, qs, rows=r), warmup=10, rep=50) for r in rows]
+        nbytes = qw.numel() + w.numel() * 2 + qs.absmax.numel()  # read packed + absmax, write bf16
+        eq = all(torch.equal(F.dequantize_4bit(qw, qs).view(shape), kernels.dequantize_nf4(qw, qs, rows=r)) for r in rows)
+        n = 3 if name == "gate/up/down" else 2 if name == "k/v" else 1
+        layer_bnb += n * t_bnb
+        layer_tri = [a + n * t for a, t in zip(layer_tri, t_tri)]
+        print(f"{name + ' ' + str(shape):<28}{t_bnb:>9.3f}" + "".join(f"{t:>10.3f}" for t in t_tri)
+              + f"{nbytes / t_bnb / 1e6:>10,.0f}{nbytes / min(t_tri) / 1e6:>10,.0f}  {eq}")
+    L = cfg.num_hidden_layers
+    print(f"per step (forward + backward, {L} layers): bnb {2 * L * layer_bnb:.1f} ms, triton "
+          + ", ".join(f"{2 * L * t:.1f} ms (rows={r})" for r, t in zip(rows, layer_tri)))
+    x = torch.randn(args.tokens, h, device="cuda", dtype=torch.bfloat16)
+    seed, p = 1234, 0.05
+
+    def torch_drop():
+        return x * fastpath.dropout_mask(x.shape, p, seed, x.device, x.dtype)
+
+    t_t = do_bench(torch_drop, warmup=10, rep=50)
+    t_k = do_bench(lambda: kernels.dropout_keep(x, p, seed), warmup=10, rep=50)
+    per_step = 2 * 3 * L  # q, k, v; forward and backward (plus the in-place one on lora_x)
+    print(f"dropout ({args.tokens} x {h}, p={p}): torch bernoulli+mul {t_t:.3f} ms, triton {t_k:.3f} ms; "
+          f"x{per_step} a step: {per_step * t_t:.1f} vs {per_step * t_k:.1f} ms")
+
+
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = ap.add_subparsers(dest="cmd", required=True)
@@ -392,9 +513,16 @@ def main(argv: list[str] | None = None) -> None:
     r.add_argument("--recompute-layers", type=int, help="project path recomputing only the first N layers")
     r.add_argument("--lora-dropout", type=float, default=0.05, help="the seed recipe's 0.05; 0 compares exactly")
     r.add_argument("--out", help="write the figures as JSON here")
+    r.add_argument("--profile", metavar="DIR", help="after timing, profile one step per row (GPU): kernel time by category")
+    r.add_argument("--trace", action="store_true", help="with --profile: also write each row's Chrome trace (.json.gz)")
+    k = sub.add_parser("kernels", help="time the Triton kernels against what they replace (GPU)")
+    k.add_argument("--tokens", type=int, default=8192, help="hidden states in the dropout timing (batch x seq)")
+    k.add_argument("--rows", type=int, nargs="+", default=[16, 64], help="dequant tile heights to time")
     a = ap.parse_args(argv)
     if a.cmd == "prepare-data":
         prepare_data(Path(a.out), a.seq_len, Path(a.texts))
+    elif a.cmd == "kernels":
+        bench_kernels(a)
     else:
         run(a)
 
