@@ -86,9 +86,9 @@ if triton is not None:
 
 # ------------------------------------------------------------------------------ NF4
 def dequant_supported(weight: torch.Tensor, qs) -> bool:
-    """A bitsandbytes 4-bit weight whose layout the kernel reads: packed uint8, NF4 or FP4 code,
-    a 16/32-bit target, nested absmax or float32 absmax."""
-    if not available(weight) or weight.dtype != torch.uint8 or not weight.is_contiguous():
+    """A bitsandbytes 4-bit weight whose layout the kernel reads: packed bytes (uint8, or another
+    storage dtype as FSDP-QLoRA uses), NF4 or FP4 code, a 16/32-bit target, nested or float32 absmax."""
+    if not available(weight) or weight.is_floating_point() and weight.requires_grad or not weight.is_contiguous():
         return False
     if getattr(qs, "quant_type", None) not in ("nf4", "fp4") or qs.dtype not in (torch.bfloat16, torch.float16,
                                                                                  torch.float32):
@@ -124,6 +124,7 @@ def dequantize_nf4(weight: torch.Tensor, qs, rows: int = 64) -> torch.Tensor:
         import bitsandbytes.functional as F
 
         return F.dequantize_4bit(weight.view(-1, 1), qs)
+    weight = weight.view(-1).view(torch.uint8)  # quant_storage bfloat16 etc.: the same bytes
     n_bytes = weight.numel()
     out = torch.empty(qs.shape, dtype=qs.dtype, device=weight.device)
     if out.numel() not in (2 * n_bytes, 2 * n_bytes - 1):

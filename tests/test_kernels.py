@@ -15,25 +15,26 @@ pytestmark = pytest.mark.skipif(kernels.triton is None or not (DEV == "cuda" or 
                                 reason="needs Triton (a GPU, or TRITON_INTERPRET=1)")
 
 
-def _quantized(shape, nested=True, quant_type="nf4", dtype=torch.bfloat16, seed=0):
+def _quantized(shape, nested=True, quant_type="nf4", dtype=torch.bfloat16, seed=0, storage=torch.uint8):
     import bitsandbytes.functional as F
 
     w = (torch.randn(shape, generator=torch.Generator().manual_seed(seed)) * 0.02).to(dtype).to(DEV)
-    return F.quantize_4bit(w, blocksize=64, compress_statistics=nested, quant_type=quant_type)
+    return F.quantize_4bit(w, blocksize=64, compress_statistics=nested, quant_type=quant_type, quant_storage=storage)
 
 
-@pytest.mark.parametrize("shape,nested,quant_type,dtype", [
-    ((96, 320), True, "nf4", torch.bfloat16),    # the production layout: NF4, double quant, bf16
-    ((64, 192), False, "nf4", torch.bfloat16),   # plain float32 absmax
-    ((96, 128), True, "fp4", torch.bfloat16),
-    ((80, 64), True, "nf4", torch.float16),
-    ((40, 128), True, "nf4", torch.float32),     # (bnb's own CPU kernel mis-scales rows not a multiple of 64)
-    ((3, 65), True, "nf4", torch.bfloat16),      # an odd element count: the last byte holds one value
+@pytest.mark.parametrize("shape,nested,quant_type,dtype,storage", [
+    ((96, 320), True, "nf4", torch.bfloat16, torch.uint8),   # the production layout: NF4, double quant, bf16
+    ((64, 192), False, "nf4", torch.bfloat16, torch.uint8),  # plain float32 absmax
+    ((96, 128), True, "fp4", torch.bfloat16, torch.uint8),
+    ((80, 64), True, "nf4", torch.float16, torch.uint8),
+    ((40, 128), True, "nf4", torch.float32, torch.uint8),    # (bnb's own CPU kernel mis-scales rows not a multiple of 64)
+    ((3, 65), True, "nf4", torch.bfloat16, torch.uint8),     # an odd element count: the last byte holds one value
+    ((64, 128), True, "nf4", torch.bfloat16, torch.bfloat16),  # FSDP-QLoRA's bf16 storage of the same bytes
 ])
-def test_dequant_equals_bitsandbytes_bit_for_bit(shape, nested, quant_type, dtype):
+def test_dequant_equals_bitsandbytes_bit_for_bit(shape, nested, quant_type, dtype, storage):
     import bitsandbytes.functional as F
 
-    q, qs = _quantized(shape, nested, quant_type, dtype)
+    q, qs = _quantized(shape, nested, quant_type, dtype, storage=storage)
     assert kernels.dequant_supported(q, qs)
     ref = F.dequantize_4bit(q, qs).view(shape)
     got = kernels.dequantize_nf4(q, qs, rows=4)  # several programs, the last one partly masked
@@ -43,7 +44,8 @@ def test_dequant_equals_bitsandbytes_bit_for_bit(shape, nested, quant_type, dtyp
 
 def test_dequant_falls_back_where_the_kernel_does_not_apply():
     q, qs = _quantized((32, 64))
-    assert not kernels.dequant_supported(q.float(), qs)  # not a packed uint8 weight
+    assert not kernels.dequant_supported(q.float().requires_grad_(True), qs)  # a trainable float: not packed bytes
+    assert not kernels.dequant_supported(q.view(-1, 2).t(), qs)  # not contiguous
     qs.quant_type = "int4"
     assert not kernels.dequant_supported(q, qs)
 
@@ -135,6 +137,37 @@ def test_kernels_never_wait_for_the_gpu():
         y.sum().backward()
     finally:
         torch.cuda.set_sync_debug_mode(0)
+
+
+@pytest.mark.skipif(DEV == "cuda", reason="the tiny CPU model; tests/test_gpu.py covers the GPU")
+def test_kernel_dropout_survives_recomputation(tiny_model_dir, monkeypatch):
+    """With gradient checkpointing the recomputed forward must drop the same elements as the first
+    one (the seed comes from the CPU generator, which checkpointing restores): gradients with and
+    without recomputation are equal, and differ from another draw's."""
+    from test_fastpath import _grads, _nf4_peft
+
+    ids = torch.randint(3, 200, (2, 12), generator=torch.Generator().manual_seed(5))
+    grads, draws = [], []
+    real = kernels.dropout_keep
+    monkeypatch.setattr(kernels, "dropout_keep", lambda *a, **kw: draws.append(1) or real(*a, **kw))
+    for recompute, seed in ((False, 11), (True, 11), (False, 12)):
+        m = _nf4_peft(tiny_model_dir, dropout=0.3)
+        fp = fastpath.FastPath(attention="sdpa", liger=False, fast_lora=True, recompute=recompute,
+                               recompute_layers=None, offload=False, kernels=True)
+        fastpath.prepare_base(m.base_model.model, fp)
+        fastpath.prepare_peft(m, fp)
+        m.train()
+        torch.manual_seed(seed)
+        draws.clear()
+        m(input_ids=ids, labels=ids).loss.backward()
+        grads.append(_grads(m))
+        # 6 LoRA layers: a draw in the forward and one for A's gradient in the backward, one for the input
+        # gradient where the input needs one (not in the first layer unless recomputation makes the
+        # embeddings require grad), and with recomputation the forward's again
+        assert len(draws) == (6 + 6 + 6 + 6 if recompute else 6 + 6 + 3)
+    for k in grads[0]:
+        torch.testing.assert_close(grads[1][k], grads[0][k], rtol=1e-5, atol=1e-7, msg=k)
+    assert any(not torch.allclose(grads[2][k], grads[0][k]) for k in grads[0] if "lora_A" in k)
 
 
 @pytest.mark.skipif(DEV == "cuda", reason="the tiny CPU model; tests/test_gpu.py covers the GPU")
