@@ -159,9 +159,12 @@ def _cu_for(position_ids: torch.Tensor | None, b: int, s: int, device) -> torch.
     reused while cached."""
     if position_ids is None:  # no documents: row boundaries only, no sync
         return torch.arange(0, b * s + 1, s, device=device, dtype=torch.int32)
-    if _cu_cache["pos"] is not position_ids or _cu_cache["shape"] != (b, s):
-        _cu_cache.update(pos=position_ids, shape=(b, s), cu=cu_seqlens_from_position_ids(position_ids.expand(b, s)))
-    return _cu_cache["cu"]
+    key = (b, s, position_ids._version)  # _version: the same tensor changed in place is another batch
+    if _cu_cache["pos"] is position_ids and _cu_cache["shape"] == key:
+        return _cu_cache["cu"]
+    cu = cu_seqlens_from_position_ids(position_ids.expand(b, s))
+    _cu_cache.update(pos=position_ids, shape=key, cu=cu)
+    return cu
 
 
 def doc_causal_mask(position_ids: torch.Tensor, key_valid: torch.Tensor | None = None,
@@ -401,6 +404,7 @@ def _fast_lora_forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
     drop = self.lora_dropout[name]
     p = float(drop.p) if isinstance(drop, torch.nn.Dropout) and drop.training else 0.0
     compute = getattr(base, "compute_dtype", None) or x.dtype
+    inp_dtype = x.dtype  # returned in the caller's dtype, as PEFT's and bitsandbytes' forwards do
     x = x.to(compute)
     use_kernels = bool(getattr(self, "_d2a_kernels", False)) and kernels.dequant_supported(weight, qs)
     if use_kernels and not x.is_contiguous():  # the dropout mask follows the element index
@@ -409,7 +413,7 @@ def _fast_lora_forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
                             float(self.scaling[name]), p, _draw_seed() if p > 0 else 0, use_kernels)
     if base.bias is not None:
         out = out + base.bias.to(out.dtype)
-    return out.to(x.dtype)
+    return out.to(inp_dtype)
 
 
 def enable_fast_lora(model, kernels: bool = False) -> int:
@@ -444,7 +448,8 @@ def _fast_nf4_forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
 
 
 def enable_fast_nf4(model) -> int:
-    """The one-kernel dequantization on every bitsandbytes 4-bit linear that LoRA does not wrap."""
+    """The one-kernel dequantization on every bitsandbytes 4-bit linear: the ones LoRA does not wrap,
+    and the base layers of those it does (reached only where PEFT's own forward runs)."""
     import bitsandbytes as bnb
 
     n = 0

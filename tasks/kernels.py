@@ -19,6 +19,7 @@ Both run where Triton and a CUDA tensor are present; ``TRITON_INTERPRET=1`` runs
 
 from __future__ import annotations
 
+import contextlib
 import os
 
 import torch
@@ -30,6 +31,11 @@ except ImportError:  # CPU-only installs: the torch fallbacks run
     triton = tl = None
 
 INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
+
+
+def _on(t: torch.Tensor):
+    """Triton launches on the current CUDA device: make it the tensor's (a model split over GPUs)."""
+    return torch.cuda.device(t.device) if t.is_cuda else contextlib.nullcontext()
 
 
 def available(t: torch.Tensor) -> bool:
@@ -61,7 +67,8 @@ if triton is not None:
         out = tl.interleave(hi, lo)  # (ROWS, QBLOCK): element 2i from byte i's high nibble
         if BF16_BITS:  # float32 -> bf16, round to nearest even, in integers (out_ptr is an int16 view)
             bits = out.to(tl.uint32, bitcast=True)
-            out = ((bits + 0x7FFF + ((bits >> 16) & 1)) >> 16).to(tl.int16)
+            rounded = (bits + 0x7FFF + ((bits >> 16) & 1)) >> 16
+            out = tl.where((bits & 0x7FFFFFFF) > 0x7F800000, 0x7FC0, rounded).to(tl.int16)  # NaN stays NaN
         else:
             out = out.to(out_ptr.dtype.element_ty)
         o = blk[:, None] * QBLOCK + tl.arange(0, QBLOCK)[None, :]
@@ -101,10 +108,13 @@ def dequant_supported(weight: torch.Tensor, qs) -> bool:
 
 
 def _dequant_args(weight: torch.Tensor, qs) -> tuple:
-    """The kernel's tensor arguments, made once per quant state and device (no per-call copies, and no
-    host sync: the nested offset stays a device tensor the kernel loads)."""
+    """The kernel's tensor arguments, made once per quant state (no per-call copies, and no host sync:
+    the nested offset stays a device tensor the kernel loads). Remade when the state's tensors are
+    replaced (``QuantState.to`` and reloads swap them on the same object)."""
+    nested = qs.state2 if qs.nested else None
+    source = (weight.device, qs.absmax, qs.code, nested, nested and nested.absmax, nested and nested.code, qs.offset)
     cached = qs.__dict__.get("_d2a_dequant")
-    if cached is not None and cached[0] == weight.device:
+    if cached is not None and cached[0][0] == source[0] and all(a is b for a, b in zip(cached[0][1:], source[1:])):
         return cached[1]
     code = qs.code.to(weight.device, torch.float32)
     if qs.nested:
@@ -113,7 +123,7 @@ def _dequant_args(weight: torch.Tensor, qs) -> tuple:
                 qs.state2.blocksize)
     else:  # the nested-only arguments are not read
         args = (qs.absmax, code, qs.absmax, qs.absmax, code, 1)
-    qs._d2a_dequant = (weight.device, args)
+    qs._d2a_dequant = (source, args)
     return args
 
 
@@ -135,9 +145,10 @@ def dequantize_nf4(weight: torch.Tensor, qs, rows: int = 64) -> torch.Tensor:
     grid = (triton.cdiv(triton.cdiv(n_bytes, qs.blocksize // 2), rows),)
     bf16 = qs.dtype == torch.bfloat16  # rounded in integers: one rule on the GPU and in the interpreter
     # enable_fp_fusion=False: a fused multiply-add would round code2*absmax2+offset once, bnb rounds twice
-    _nf4_dequant_kernel[grid](weight, absq, code2, absmax2, offset, code, buf.view(torch.int16) if bf16 else buf,
-                              n_bytes, QBLOCK=qs.blocksize, QBLOCK2=qb2, NESTED=bool(qs.nested), BF16_BITS=bf16,
-                              ROWS=rows, enable_fp_fusion=False)
+    with _on(weight):
+        _nf4_dequant_kernel[grid](weight, absq, code2, absmax2, offset, code, buf.view(torch.int16) if bf16 else buf,
+                                  n_bytes, QBLOCK=qs.blocksize, QBLOCK2=qb2, NESTED=bool(qs.nested),
+                                  BF16_BITS=bf16, ROWS=rows, enable_fp_fusion=False)
     if buf is not out:
         out.view(-1).copy_(buf[: out.numel()])
     return out
@@ -162,5 +173,6 @@ def dropout_keep(x: torch.Tensor, p: float, seed: int, out: torch.Tensor | None 
     if n >= 2**31 - block:
         raise ValueError(f"dropout_keep: {n} elements exceed the kernel's 32-bit Philox counter")
     out = torch.empty_like(x) if out is None else out
-    _dropout_keep_kernel[(triton.cdiv(n, block),)](x, out, n, seed & 0x7FFFFFFF, keep_threshold(p), BLOCK=block)
+    with _on(x):
+        _dropout_keep_kernel[(triton.cdiv(n, block),)](x, out, n, seed & 0x7FFFFFFF, keep_threshold(p), BLOCK=block)
     return out

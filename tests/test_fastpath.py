@@ -37,6 +37,10 @@ def test_cu_seqlens_built_once_per_forward(monkeypatch):
     assert first.tolist() == [0, 3, 8, 11, 16]
     assert fastpath._cu_for(pos.clone(), 2, 8, "cpu").tolist() == [0, 3, 8, 11, 16] and len(calls) == 2
     assert fastpath._cu_for(None, 2, 8, "cpu").tolist() == [0, 8, 16] and len(calls) == 2  # no documents: no sync
+    fastpath._cu_for(pos, 2, 8, "cpu")
+    assert len(calls) == 3
+    pos[0, 3:] = torch.arange(3, 8)  # the same tensor changed in place: one document now
+    assert fastpath._cu_for(pos, 2, 8, "cpu").tolist() == [0, 8, 16] and len(calls) == 4
 
 
 def _per_document_reference(q, k, v, pos):
@@ -136,6 +140,20 @@ def test_fast_lora_matches_peft_outputs_and_gradients(tiny_model_dir):
     for k in g0:
         assert g0[k].abs().max() > 0, k
         torch.testing.assert_close(g1[k], g0[k], rtol=1e-4, atol=1e-6, msg=k)
+
+
+def test_fast_lora_returns_the_callers_dtype(tiny_model_dir):
+    """bf16 compute, float32 hidden states: the output comes back in float32, as from PEFT's forward."""
+    plain, fast = _nf4_peft(tiny_model_dir, compute_dtype="bfloat16"), _nf4_peft(tiny_model_dir, compute_dtype="bfloat16")
+    fastpath.enable_fast_lora(fast)
+    x = torch.randn(2, 3, fast.base_model.model.model.layers[0].self_attn.q_proj.in_features)
+    for m in (plain, fast):
+        m.train()
+    with torch.enable_grad():
+        a = plain.base_model.model.model.layers[0].self_attn.q_proj(x)
+        b = fast.base_model.model.model.layers[0].self_attn.q_proj(x)
+    assert a.dtype == b.dtype == torch.float32
+    torch.testing.assert_close(b, a, rtol=2e-2, atol=2e-3)
 
 
 def test_fast_lora_dropout_uses_one_mask_forward_and_backward(tiny_model_dir):

@@ -39,7 +39,27 @@ def test_dequant_equals_bitsandbytes_bit_for_bit(shape, nested, quant_type, dtyp
     ref = F.dequantize_4bit(q, qs).view(shape)
     got = kernels.dequantize_nf4(q, qs, rows=4)  # several programs, the last one partly masked
     assert got.shape == shape and got.dtype == dtype
-    assert torch.equal(got, ref), (got.float() - ref.float()).abs().max()
+    bits = torch.int32 if dtype == torch.float32 else torch.int16  # bits: torch.equal takes -0.0 for 0.0
+    assert torch.equal(got.view(bits), ref.view(bits)), (got.float() - ref.float()).abs().max()
+
+
+def test_dequant_keeps_nan_and_follows_a_replaced_state():
+    """A NaN scale dequantizes to NaN as in bitsandbytes (not to a rounded -0.0), and a quant state
+    whose tensors are swapped on the same object (QuantState.to, a reload) is read afresh."""
+    import bitsandbytes.functional as F
+
+    q, qs = _quantized((64, 128), nested=False)
+    kernels.dequantize_nf4(q, qs)  # caches the arguments
+    qs.absmax = qs.absmax.clone()
+    qs.absmax[1] = float("nan")
+    got, ref = kernels.dequantize_nf4(q, qs), F.dequantize_4bit(q, qs).view(64, 128)
+    assert torch.equal(got.isnan(), ref.isnan()) and int(got.isnan().sum()) == 64
+    q2, qs2 = _quantized((64, 128), seed=1)
+    _, qs1 = _quantized((64, 128), seed=2)
+    kernels.dequantize_nf4(q2, qs2)
+    qs2.absmax, qs2.state2, qs2.offset = qs1.absmax, qs1.state2, qs1.offset
+    assert torch.equal(kernels.dequantize_nf4(q2, qs2).view(torch.int16),
+                       F.dequantize_4bit(q2, qs2).view(64, 128).view(torch.int16))
 
 
 def test_dequant_falls_back_where_the_kernel_does_not_apply():
