@@ -302,6 +302,15 @@ def _dequantize(weight, quant_state, use_kernels: bool = False) -> torch.Tensor:
     return F.dequantize_4bit(weight.view(-1, 1), quant_state)
 
 
+def _linear4(x: torch.Tensor, weight, quant_state, use_kernels: bool) -> torch.Tensor:
+    """x·deq(W)ᵀ without autograd: the Triton dequantization + a bf16 GEMM, or bitsandbytes' own."""
+    if use_kernels:
+        return torch.nn.functional.linear(x, _dequantize(weight, quant_state, True).to(x.dtype))
+    import bitsandbytes as bnb
+
+    return bnb.matmul_4bit(x, weight, quant_state=quant_state)  # called in no-grad: bnb's inference kernel
+
+
 def _drop(x: torch.Tensor, p: float, seed: int, use_kernels: bool, out: torch.Tensor | None = None) -> torch.Tensor:
     """x with dropout(p)'s dropped elements zeroed (no rescaling), the same elements for the same seed
     and shape: in one Triton pass where on, else torch's bernoulli from a seeded generator."""
@@ -318,7 +327,7 @@ class NF4Linear(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, weight, quant_state):
         ctx.weight, ctx.quant_state = weight, quant_state
-        return torch.nn.functional.linear(x, _dequantize(weight, quant_state, True).to(x.dtype))
+        return _linear4(x, weight, quant_state, True)
 
     @staticmethod
     def backward(ctx, grad):
@@ -336,12 +345,7 @@ class QLoraLinear(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, lora_a, lora_b, weight, quant_state, scaling: float, p: float, seed: int, use_kernels: bool):
-        if use_kernels:
-            out = torch.nn.functional.linear(x, _dequantize(weight, quant_state, True).to(x.dtype))
-        else:
-            import bitsandbytes as bnb
-
-            out = bnb.matmul_4bit(x, weight, quant_state=quant_state)  # no grad here: bnb's inference kernel
+        out = _linear4(x, weight, quant_state, use_kernels)
         a, b = lora_a.to(x.dtype), lora_b.to(x.dtype)
         xd = _drop(x, p, seed, use_kernels) if p > 0 else x
         h = xd @ a.t()
@@ -437,8 +441,7 @@ def _fast_nf4_forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
     kernel does not read go to bitsandbytes' own forward."""
     weight = self.weight
     qs = getattr(weight, "quant_state", None)
-    if (args or kwargs or not torch.is_grad_enabled() or qs is None or weight.requires_grad
-            or not kernels.dequant_supported(weight, qs)):
+    if args or kwargs or not torch.is_grad_enabled() or qs is None or not kernels.dequant_supported(weight, qs):
         return type(self).forward(self, x, *args, **kwargs)
     compute = getattr(self, "compute_dtype", None) or x.dtype
     out = NF4Linear.apply(x.to(compute), weight, qs)

@@ -190,13 +190,19 @@ def test_scrub_pii(text, emails, phones):
     assert (ne, np_) == (emails, phones), out
 
 
-def test_worker_processes_give_the_same_output(tmp_path):
-    rows, _ = corpus(seed=2)
-    for d in ("one", "two"):
-        write_extracted(tmp_path / d, [dict(r) for r in rows])
+def _clean_twice(tmp_path, seed: int, one: dict, two: dict) -> tuple[dict, dict]:
+    """The same corpus cleaned in tmp_path/one with run_clean(**one) and in tmp_path/two with **two."""
+    rows, _ = corpus(seed=seed)
     cfg = {"clean": {"min_chars": 50, "max_chars": 2000}}
-    m1 = run_clean(make_cfg(tmp_path / "one", **cfg), workers=1)
-    m2 = run_clean(make_cfg(tmp_path / "two", **cfg), workers=2)
+    out = []
+    for d, kw in (("one", one), ("two", two)):
+        write_extracted(tmp_path / d, [dict(r) for r in rows])
+        out.append(run_clean(make_cfg(tmp_path / d, **cfg), **kw))
+    return out[0], out[1]
+
+
+def test_worker_processes_give_the_same_output(tmp_path):
+    m1, m2 = _clean_twice(tmp_path, 2, {"workers": 1}, {"workers": 2})
     assert m1["counts"] == m2["counts"]
     for name in m1["categories"] + ["rejects"]:
         a = pq.read_table(tmp_path / "one" / "clean" / f"{name}.parquet").to_pylist()
@@ -451,12 +457,7 @@ def test_char_counts_equal_the_regex_counts(text):
 
 
 def test_forced_partitions_give_the_same_output(tmp_path):
-    rows, _ = corpus(seed=4)
-    for d in ("p1", "p5"):
-        write_extracted(tmp_path / d, [dict(r) for r in rows])
-    cfg = {"clean": {"min_chars": 50, "max_chars": 2000}}
-    m1 = run_clean(make_cfg(tmp_path / "p1", **cfg), dedup_partitions=1)
-    m5 = run_clean(make_cfg(tmp_path / "p5", **cfg), dedup_partitions=5)
+    m1, m5 = _clean_twice(tmp_path, 4, {"dedup_partitions": 1}, {"dedup_partitions": 5})
     assert m1["counts"] == m5["counts"] and m1["counts"]["rejects_by_reason"]["near_duplicate"] >= 1
     assert {k: v for k, v in m1["files"].items() if k != "config.yaml"} == \
         {k: v for k, v in m5["files"].items() if k != "config.yaml"}
