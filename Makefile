@@ -44,13 +44,13 @@ clean-data:
 
 # Training throughput, seed notebook path vs this project's path. The default runs the demo model on
 # the CPU; on an H200: make bench BENCH_ARGS="--arch mistral-small-24b --data .benchdata/tekken-2048 --paths seed,project,speed,lowmem"
-# (after: .venv/bin/python -m tasks.bench_train prepare-data).
+# (after: .venv/bin/python -m benchmarks.bench_train prepare-data).
 BENCH_ARGS ?= --arch smollm2-135m --batch 2 --seq-len 512 --steps 3
 bench: venv
-	$(PY) -m tasks.bench_train run $(BENCH_ARGS)
+	$(PY) -m benchmarks.bench_train run $(BENCH_ARGS)
 
 bench-prepare: venv
-	$(PY) -m tasks.bench_prepare
+	$(PY) -m benchmarks.bench_prepare
 
 bench-scrape: venv
-	$(PY) -m scrapers.bench --hosts 8 --pages-per-host 150
+	$(PY) -m benchmarks.bench_scrape --hosts 8 --pages-per-host 150

@@ -19,8 +19,8 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from tasks.config import PipelineConfig
-from tasks.textio import read_jsonl
+from tasks.core.config import PipelineConfig
+from tasks.core.textio import read_jsonl
 
 log = logging.getLogger("flows.artifacts")
 

@@ -16,9 +16,8 @@ import json
 import logging
 import os
 import sys
-from pathlib import Path
 
-REPO_ROOT = Path(__file__).resolve().parent.parent
+from tasks.core.config import REPO_ROOT  # noqa: E402
 
 STAGES = ("scrape", "extract", "clean", "split", "mix", "tokenize", "train", "evaluate")
 
@@ -42,7 +41,7 @@ def _run_stage(name: str, config: str, overrides: list[str], force: bool = False
     import importlib
 
     from scrapers.testsite import demo_site_env
-    from tasks.config import load_config
+    from tasks.core.config import load_config
 
     cfg = load_config(config, overrides)
     if force:
@@ -51,7 +50,7 @@ def _run_stage(name: str, config: str, overrides: list[str], force: bool = False
         invalidate(cfg, {name})
     fn = getattr(importlib.import_module(f"tasks.{name}"), f"run_{name}")
     if name == "scrape":
-        with demo_site_env(cfg):
+        with demo_site_env(cfg.demo_site):
             return fn(cfg)
     return fn(cfg)
 
@@ -83,8 +82,8 @@ def main(argv: list[str] | None = None) -> int:
     g = sub.add_parser("generate", help="answer a prompt with a trained adapter")
     g.add_argument("rest", nargs=argparse.REMAINDER)
     raw = sys.argv[1:] if argv is None else list(argv)
-    if raw[:1] == ["generate"]:  # everything after it belongs to tasks.generate (its options start with --)
-        from tasks.generate import main as gen_main
+    if raw[:1] == ["generate"]:  # everything after it belongs to tasks.adapter.generate (its options start with --)
+        from tasks.adapter.generate import main as gen_main
 
         gen_main(raw[1:])
         return 0
@@ -100,7 +99,7 @@ def main(argv: list[str] | None = None) -> int:
     if bad:
         ap.error(f"unrecognized arguments: {' '.join(bad)}")
     a.overrides = [*a.overrides, *extra]
-    from tasks.config import ConfigError
+    from tasks.core.config import ConfigError
 
     try:
         if a.cmd == "stage":

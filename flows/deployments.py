@@ -28,13 +28,22 @@ from prefect import flow, get_run_logger
 from pydantic import Field
 
 from flows import artifacts
-from flows.pipeline import (ConfigPath, Overrides, data_to_adapter, evaluate_step, invalidate, nocache,
-                            promote_step, scrape_step, train_step)
+from flows.pipeline import (
+    ConfigPath,
+    Overrides,
+    data_to_adapter,
+    evaluate_step,
+    invalidate,
+    nocache,
+    promote_step,
+    scrape_step,
+    train_step,
+)
 from flows.prepare import prepare
 from flows.rescrape import rescrape_and_retrain
-from tasks.config import REPO_ROOT, load_config, resolve_path
+from tasks.core.config import REPO_ROOT, load_config, resolve_path
+from tasks.core.manifest import require_manifest
 from tasks.extract import extract
-from tasks.manifest import require_manifest
 
 ForceOne = Annotated[bool, Field(description="Re-run this stage even if its inputs and config are unchanged.")]
 
@@ -87,8 +96,8 @@ def train_flow(config: ConfigPath = "configs/demo.yaml", overrides: Overrides = 
         overrides: section.key=value overrides, e.g. data_root=data/exp1.
         force: Start the run over (its checkpoints, adapter and metrics are removed first).
     """
-    from tasks.model import load_tokenizer, resolve_base, tokenizer_fingerprint
-    from tasks.tokenize import tokenized_dir
+    from tasks.core.model import load_tokenizer, resolve_base, tokenizer_fingerprint
+    from tasks.tokenize.loader import tokenized_dir
 
     cfg = load_config(config, overrides or [])
     if force:
@@ -144,8 +153,8 @@ def generate_flow(
         max_new_tokens: Most tokens to generate.
         temperature: 0 = greedy.
     """
-    from tasks.generate import run_generate
-    from tasks.promote import read_current
+    from tasks.adapter.generate import run_generate
+    from tasks.adapter.promote import read_current
 
     cfg = load_config(config, overrides or [])
     if run_dir:

@@ -1,7 +1,7 @@
 """The ``data-to-adapter`` flow: every stage, in order, tracked by Prefect.
 
 Each stage is skipped when its inputs' fingerprints and its config are unchanged (see
-tasks/manifest.py), so a scheduled re-run only redoes what changed. Prefect's own result cache is
+tasks/core/manifest.py), so a scheduled re-run only redoes what changed. Prefect's own result cache is
 switched off for the stage tasks (``NO_CACHE``): the manifests are the cache, keyed by the
 fingerprints, and they stay correct whatever else touched the data root (a ``d2a stage`` run, a
 deleted directory, another flow); a Prefect cache entry would not know about any of that.
@@ -29,12 +29,12 @@ from pydantic import Field
 from flows import artifacts
 from flows.prepare import prepare
 from scrapers.testsite import demo_site_env
-from tasks.config import PipelineConfig, load_config
+from tasks.adapter.promote import lineage, record_corpus, run_promote
+from tasks.core.config import PipelineConfig, load_config
 from tasks.evaluate import evaluate
 from tasks.extract import extract
-from tasks.promote import lineage, record_corpus, run_promote
 from tasks.scrape import scrape
-from tasks.train import train
+from tasks.train.stage import train
 
 log = logging.getLogger("flows.pipeline")
 
@@ -120,7 +120,7 @@ def invalidate(cfg: PipelineConfig, stages: set[str], logger: logging.Logger | N
 
 
 def _current_run_dir(cfg: PipelineConfig) -> Path | None:
-    from tasks.train import run_dir_for
+    from tasks.train.stage import run_dir_for
 
     try:
         return run_dir_for(cfg)
@@ -155,7 +155,7 @@ def status_of(before: dict[str, str], m: dict[str, Any]) -> dict[str, Any]:
 
 # --------------------------------------------------------------------------------- the steps
 def scrape_step(cfg: PipelineConfig, d: dict[str, Any]) -> dict[str, Any]:
-    with demo_site_env(cfg):  # serves the bundled demo website on loopback when the config asks for it
+    with demo_site_env(cfg.demo_site):  # serves the bundled demo website on loopback when the config asks for it
         m = nocache(scrape)(d)
     artifacts.publish_scrape(cfg, m)
     return m
@@ -173,7 +173,7 @@ def expected_steps(cfg: PipelineConfig, tok_m: dict[str, Any]) -> int | None:
 
 
 def train_step(cfg: PipelineConfig, d: dict[str, Any], tok_m: dict[str, Any] | None = None) -> dict[str, Any]:
-    from tasks.train import run_dir_for
+    from tasks.train.stage import run_dir_for
 
     run_dir = run_dir_for(cfg)
     with artifacts.training_progress(cfg, run_dir, expected_steps(cfg, tok_m or {})):

@@ -15,11 +15,11 @@ from typing import Any
 
 from prefect import flow
 
-from tasks.clean import clean
-from tasks.config import DaskConfig, PipelineConfig, load_config
+from tasks.clean.stage import clean
+from tasks.core.config import DaskConfig, PipelineConfig, load_config
 from tasks.mix import mix
 from tasks.split import split
-from tasks.tokenize import tokenize
+from tasks.tokenize.stage import tokenize
 
 
 def task_runner(d: DaskConfig):

@@ -2,7 +2,7 @@
 
 1. Re-scrape incrementally: the crawler sends conditional requests (ETag / Last-Modified), so an
    unchanged site costs 304s, and ``raw/manifest.json`` counts new / changed / unchanged / gone.
-2. Compare the corpus with the one the *current* adapter was trained on (tasks/promote.py). At or
+2. Compare the corpus with the one the *current* adapter was trained on (tasks/adapter/promote.py). At or
    below ``schedule.change_threshold`` the flow stops here and says so: nothing is retrained.
 3. Otherwise extract, prepare (every data stage skips what its fingerprint says is unchanged),
    train (from scratch, or from the current adapter's weights with ``schedule.continue_from_previous``),
@@ -23,9 +23,9 @@ from pydantic import Field
 from flows import artifacts
 from flows.pipeline import ConfigPath, Overrides, evaluate_step, nocache, promote_step, scrape_step, train_step
 from flows.prepare import prepare
-from tasks.config import PipelineConfig, TrainConfig, config_from_dict, load_config
+from tasks.adapter.promote import retrain_decision
+from tasks.core.config import PipelineConfig, TrainConfig, config_from_dict, load_config
 from tasks.extract import extract
-from tasks.promote import retrain_decision
 
 
 def warm_start(cfg: PipelineConfig, d: dict[str, Any], current: dict[str, Any] | None, logger) -> str:
@@ -35,7 +35,7 @@ def warm_start(cfg: PipelineConfig, d: dict[str, Any], current: dict[str, Any] |
     if current is None:
         return "from scratch (no current adapter to continue from)"
     if "init_adapter" not in TrainConfig.model_fields:
-        logger.warning("schedule.continue_from_previous: train.init_adapter is not supported by tasks/train.py yet; "
+        logger.warning("schedule.continue_from_previous: train.init_adapter is not supported by tasks/train/ yet; "
                        "training from scratch")
         return "from scratch (train.init_adapter not supported yet)"
     d["train"]["init_adapter"] = current["adapter"]  # part of the train section, so of the run's fingerprint

@@ -29,7 +29,7 @@ import urllib.request
 from pathlib import Path
 from typing import IO, Any
 
-REPO_ROOT = Path(__file__).resolve().parent.parent
+from tasks.core.config import REPO_ROOT  # noqa: E402
 
 
 def free_port(host: str = "127.0.0.1") -> int:
@@ -147,7 +147,7 @@ def run_server(host: str = "127.0.0.1", port: int = 4200, configs: list[str] | N
                limit: int | None = None, with_schedule: bool = True) -> int:
     """The ``d2a server`` command: blocks until Ctrl-C / SIGTERM or a child dies."""
     configs = configs or ["configs/demo.yaml"]
-    from tasks.config import load_config
+    from tasks.core.config import load_config
 
     for c in configs:  # a broken config fails here, naming the key, before anything starts
         load_config(c)

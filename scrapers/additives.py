@@ -8,8 +8,18 @@ from __future__ import annotations
 
 import re
 
-from scrapers.common import (ParseReject, Page, Parsed, join_blocks, main_element, node_text, page_title,
-                             reject_navigation, render_blocks, table_rows)
+from scrapers.common import (
+    Page,
+    Parsed,
+    ParseReject,
+    join_blocks,
+    main_element,
+    node_text,
+    page_title,
+    reject_navigation,
+    render_blocks,
+    table_rows,
+)
 
 E_NUMBER = re.compile(r"\bE\s?-?(\d{3,4}[a-z]?(?:\s?\([ivx]+\))?)", re.I)
 _KEYS = {

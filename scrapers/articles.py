@@ -4,8 +4,17 @@ from __future__ import annotations
 
 import trafilatura
 
-from scrapers.common import (ParseReject, Page, Parsed, clean, join_blocks, main_element, page_title,
-                             reject_navigation, render_blocks)
+from scrapers.common import (
+    Page,
+    Parsed,
+    ParseReject,
+    clean,
+    join_blocks,
+    main_element,
+    page_title,
+    reject_navigation,
+    render_blocks,
+)
 
 
 def parse(page: Page) -> Parsed:

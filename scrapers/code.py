@@ -9,8 +9,19 @@ from __future__ import annotations
 
 import re
 
-from scrapers.common import (ParseReject, Page, Parsed, clean, code_language, join_blocks, main_element, node_text,
-                             page_title, reject_navigation, render_blocks)
+from scrapers.common import (
+    Page,
+    Parsed,
+    ParseReject,
+    clean,
+    code_language,
+    join_blocks,
+    main_element,
+    node_text,
+    page_title,
+    reject_navigation,
+    render_blocks,
+)
 
 
 def page_license(page: Page) -> tuple[str, str]:

@@ -34,10 +34,18 @@ import lxml.etree
 import lxml.html
 
 from scrapers.common import decode_body, normalize_url, origin, path_query
-from scrapers.fetcher import (SITEMAP_TYPES, Decision, FetcherSettings, FetchLog, HostAllowList,
-                              PoliteFetcher, _links, _robots_directives)
-from tasks.config import ScrapeConfig, SourceConfig
-from tasks.manifest import sha256_bytes
+from scrapers.fetcher import (
+    SITEMAP_TYPES,
+    Decision,
+    FetcherSettings,
+    FetchLog,
+    HostAllowList,
+    PoliteFetcher,
+    _links,
+    _robots_directives,
+)
+from scrapers.hashing import fingerprint, sha256_bytes
+from scrapers.schema import ScrapeConfig, SourceConfig
 
 log = logging.getLogger("scrapers.crawl")
 
@@ -86,7 +94,6 @@ def require_permission(source: SourceConfig) -> None:
 
 def seeds_fingerprint(sources: list[SourceConfig]) -> str:
     """Identity of a crawl's seeds: an unfinished crawl resumes only with the same seeds."""
-    from tasks.manifest import fingerprint
     return fingerprint(sorted((s.id, s.start_urls, s.sitemaps, s.include) for s in sources))
 
 

@@ -31,7 +31,7 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import quote
 
-from tasks.config import SourceConfig, resolve_path
+from scrapers.schema import SourceConfig, resolve_path
 
 log = logging.getLogger("scrapers.dataset_import")
 

@@ -13,7 +13,7 @@ from collections.abc import Callable
 from typing import Any
 
 from scrapers import additives, articles, code, products, recipes
-from scrapers.common import ParseReject, Page, Parsed, decode_body, doc_id, looks_binary, make_page, to_json
+from scrapers.common import Page, Parsed, ParseReject, decode_body, doc_id, looks_binary, make_page, to_json
 from scrapers.dataset_import import RECORD_TYPE
 
 log = logging.getLogger("tasks.extract")

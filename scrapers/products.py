@@ -13,8 +13,21 @@ from typing import Any
 
 from bs4 import Tag
 
-from scrapers.common import (ParseReject, Page, Parsed, as_list, clean, find_marked, join_blocks, main_element,
-                             node_text, page_title, reject_navigation, render_blocks, table_rows)
+from scrapers.common import (
+    Page,
+    Parsed,
+    ParseReject,
+    as_list,
+    clean,
+    find_marked,
+    join_blocks,
+    main_element,
+    node_text,
+    page_title,
+    reject_navigation,
+    render_blocks,
+    table_rows,
+)
 
 
 def _props(item: dict[str, Any]) -> dict[str, str]:

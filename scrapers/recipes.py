@@ -10,8 +10,22 @@ from __future__ import annotations
 import re
 from typing import Any
 
-from scrapers.common import (ParseReject, Page, Parsed, as_list, clean, find_marked, human_duration, join_blocks,
-                             main_element, node_text, page_title, reject_navigation, render_blocks, table_rows)
+from scrapers.common import (
+    Page,
+    Parsed,
+    ParseReject,
+    as_list,
+    clean,
+    find_marked,
+    human_duration,
+    join_blocks,
+    main_element,
+    node_text,
+    page_title,
+    reject_navigation,
+    render_blocks,
+    table_rows,
+)
 
 _NUTRIENT_NAMES = {"calories": "Energy", "servingSize": "Serving size"}
 

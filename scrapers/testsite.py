@@ -26,7 +26,7 @@ from typing import TYPE_CHECKING
 from urllib.parse import unquote, urlsplit
 
 if TYPE_CHECKING:
-    from tasks.config import PipelineConfig
+    from scrapers.schema import DemoSiteConfig
 
 PLACEHOLDER = b"http://SITE"
 _TYPES = {".html": "text/html", ".htm": "text/html", ".txt": "text/plain", ".xml": "application/xml",
@@ -211,17 +211,16 @@ def serve_site(root: str | os.PathLike[str], host: str = "127.0.0.1", port: int 
 
 
 @contextlib.contextmanager
-def demo_site_env(cfg: PipelineConfig) -> Iterator[ServedSite | None]:
+def demo_site_env(ds: DemoSiteConfig) -> Iterator[ServedSite | None]:
     """Serve the bundled demo site when the config asks for it and expose its origin as $DEMO_SITE.
 
     Sources files refer to ``${DEMO_SITE}``; the variable is restored when the block ends.
     """
-    if not cfg.demo_site.enabled:
+    if not ds.enabled:
         yield None
         return
-    from tasks.config import resolve_path
+    from scrapers.schema import resolve_path
 
-    ds = cfg.demo_site
     with serve_site(resolve_path(ds.root), host=ds.host, port=ds.port) as site:
         previous = os.environ.get("DEMO_SITE")
         os.environ["DEMO_SITE"] = site.url

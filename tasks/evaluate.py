@@ -16,16 +16,15 @@ import time
 from pathlib import Path
 from typing import Any
 
-from tasks._prefect import task
-
-from tasks.config import CATEGORIES, PipelineConfig, config_from_dict, load_config
-from tasks.manifest import fingerprint, library_versions, require_manifest, write_json_atomic
+from tasks.core._prefect import task
+from tasks.core.config import CATEGORIES, PipelineConfig, config_from_dict, load_config
+from tasks.core.manifest import fingerprint, library_versions, require_manifest, write_json_atomic
 
 log = logging.getLogger(__name__)
 
 
 def load_eval_sets(tok_dir: Path) -> dict[str, Any]:
-    from tasks.tokenize import PackedShards
+    from tasks.tokenize.loader import PackedShards
 
     out = {}
     for cat in CATEGORIES:
@@ -40,7 +39,7 @@ def eval_losses(model, eval_sets: dict[str, Any], max_rows: int, batch_size: int
     stream (a fixed sample, so numbers are comparable across steps and between base and adapter)."""
     import torch
 
-    from tasks.tokenize import collate
+    from tasks.tokenize.loader import collate
 
     was_training = model.training
     model.eval()
@@ -72,9 +71,9 @@ def eval_losses(model, eval_sets: dict[str, Any], max_rows: int, batch_size: int
 def run_evaluate(cfg: PipelineConfig, logger: logging.Logger | None = None) -> dict[str, Any]:
     import torch
 
-    from tasks.generate import attach_adapter, chat, load_run_base
-    from tasks.report import plot_evaluation, plot_training
-    from tasks.train import run_dir_for
+    from tasks.adapter.generate import attach_adapter, chat, load_run_base
+    from tasks.adapter.report import plot_evaluation, plot_training
+    from tasks.train.stage import run_dir_for
 
     logger = logger or log
     run_dir = run_dir_for(cfg)

@@ -30,8 +30,8 @@ import pyarrow.parquet as pq
 from prefect import task
 
 from scrapers.extract_page import PARSERS, TEXT_TYPES, extract_batch, extract_page  # noqa: F401 - re-exported
-from tasks.config import CATEGORIES, PipelineConfig, config_from_dict, dump_resolved, load_config
-from tasks.manifest import Stage, require_manifest
+from tasks.core.config import CATEGORIES, PipelineConfig, config_from_dict, dump_resolved, load_config
+from tasks.core.manifest import Stage, require_manifest
 
 log = logging.getLogger("tasks.extract")
 
@@ -74,11 +74,17 @@ def _extracted(path: Any, min_text_chars: int, pool: ProcessPoolExecutor | None,
         yield from window.popleft().result()
 
 
+# the parsers this stage runs (not the fetcher, the test sites or the benchmarks)
+CODE_FILES = ("tasks/extract.py", "scrapers/extract_page.py", "scrapers/common.py", "scrapers/dataset_import.py",
+              "scrapers/recipes.py", "scrapers/products.py", "scrapers/articles.py", "scrapers/code.py",
+              "scrapers/additives.py")
+
+
 def run_extract(cfg: PipelineConfig) -> dict[str, Any]:
     raw_dir = cfg.root / "raw"
     raw_manifest = require_manifest(raw_dir, "scrape")
     # the worker count does not change the output, so it is not part of the fingerprint
-    stage = Stage("extract", cfg.root / "extracted",
+    stage = Stage("extract", cfg.root / "extracted", code=CODE_FILES,
                   config={k: v for k, v in cfg.section("extract").items() if k != "workers"},
                   # the pages fingerprint, not the scrape stage's: a new User-Agent or delay changes no page
                   inputs={"pages": raw_manifest["inputs"]["pages"]})

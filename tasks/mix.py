@@ -55,9 +55,9 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 from prefect import task
 
-from tasks.config import CATEGORIES, PipelineConfig, config_from_dict, dump_resolved, load_config
-from tasks.manifest import Stage, require_manifest
-from tasks.textio import CategoryWriters, Progress, category_files, dask_executor, iter_batches, num_rows
+from tasks.core.config import CATEGORIES, PipelineConfig, config_from_dict, dump_resolved, load_config
+from tasks.core.manifest import Stage, require_manifest
+from tasks.core.textio import CategoryWriters, Progress, category_files, dask_executor, iter_batches, num_rows
 
 log = logging.getLogger("tasks.mix")
 
@@ -68,7 +68,7 @@ OUT_SCHEMA = pa.schema(
 
 
 def get_tokenizer(cfg):
-    from tasks.model import resolve_base, load_tokenizer
+    from tasks.core.model import load_tokenizer, resolve_base
     return load_tokenizer(resolve_base(cfg.model, cfg.root / "models"), cfg.model)
 
 
@@ -199,7 +199,7 @@ def format_table(report: dict[str, CategoryMix], totals: dict[str, Any]) -> str:
 def count_job(job) -> tuple[np.ndarray, np.ndarray]:
     """Worker entry point: encode one batch of texts the token cache lacks; (ids per text, all ids
     concatenated), two arrays instead of one per text, which is cheaper to send back from a worker."""
-    from tasks.tokenize import encode_job
+    from tasks.tokenize.cache import encode_job
 
     ids = encode_job(job)
     lengths = np.fromiter((len(a) for a in ids), np.int64, len(ids))
@@ -223,7 +223,7 @@ class Measured:
 def _measure(path: Path, cat: str, scope, encode, seed: int, quarantine: list[dict]) -> Measured:
     """Count tokens per row of one category file: cached ids' lengths, and the misses encoded (by
     ``encode``, in order) and added to the cache; bad rows are quarantined."""
-    from tasks.tokenize import KEY_BYTES, text_keys
+    from tasks.tokenize.cache import KEY_BYTES, text_keys
 
     n_tok: list[np.ndarray] = []
     keys: list[int] = []
@@ -274,18 +274,22 @@ def _measure(path: Path, cat: str, scope, encode, seed: int, quarantine: list[di
                     np.concatenate(tkeys) if tkeys else np.zeros((0, KEY_BYTES), np.uint8))
 
 
+# mix counts tokens through the token cache (tokenize/cache.py), not the packer or the training reader
+CODE_FILES = ("tasks/mix.py", "tasks/tokenize/cache.py", "tasks/core/textio.py")
+
+
 def run_mix(cfg: PipelineConfig, tokenizer=None, workers: int | None = None, executor=None) -> dict[str, Any]:
     """Plan and write ``<root>/mix/train``; ``tokenizer`` defaults to the model's (``get_tokenizer``).
     Token counting runs in ``workers`` processes (default ``tokenize.workers``) or on ``executor``;
     the ids it yields go into the token cache for the tokenize stage (and later runs)."""
-    from tasks.model import tokenizer_fingerprint
-    from tasks.tokenize import TokenCache, keys_array, ordered_encode, register_encoder, tokenizer_ref
+    from tasks.core.model import tokenizer_fingerprint
+    from tasks.tokenize.cache import TokenCache, keys_array, ordered_encode, register_encoder, tokenizer_ref
 
     split_m = require_manifest(cfg.root / "split", "split")
     tok = tokenizer if tokenizer is not None else get_tokenizer(cfg)
     tok_fp = tokenizer_fingerprint(tok)
     stage = Stage("mix", cfg.root / "mix", {"mix": cfg.section("mix"), "seed": cfg.seed},
-                  {"split": split_m["fingerprint"], "tokenizer": tok_fp})
+                  {"split": split_m["fingerprint"], "tokenizer": tok_fp}, code=CODE_FILES)
     if (m := stage.up_to_date()) is not None:
         log.info("mix: up to date (%s)", stage.out_dir)
         return m

@@ -38,9 +38,17 @@ from scrapers.crawl import Crawler, CrawlState, check_sources, read_decisions, s
 from scrapers.dataset_import import ImportStats
 from scrapers.fetcher import FetchLog
 from scrapers.testsite import demo_site_env
-from tasks.config import (CATEGORIES, PipelineConfig, SourceConfig, config_from_dict, dump_resolved, load_config,
-                          load_sources, resolve_path)
-from tasks.manifest import Stage, fingerprint
+from tasks.core.config import (
+    CATEGORIES,
+    PipelineConfig,
+    SourceConfig,
+    config_from_dict,
+    dump_resolved,
+    load_config,
+    load_sources,
+    resolve_path,
+)
+from tasks.core.manifest import Stage, fingerprint
 
 log = logging.getLogger("tasks.scrape")
 
@@ -58,6 +66,9 @@ def _sources_for_manifest(path: str) -> list[dict[str, Any]]:
     """Sources as written (``${DEMO_SITE}`` unexpanded), so the fingerprint does not depend on a port."""
     data = yaml.safe_load(resolve_path(path).read_text(encoding="utf-8")) or {}
     return list(data.get("sources", []))
+
+
+CODE_FILES = ("tasks/scrape.py",)  # a re-scrape is driven by its schedule and the sites, not by code edits
 
 
 def run_scrape(cfg: PipelineConfig, stop: threading.Event | None = None) -> dict[str, Any]:
@@ -115,7 +126,7 @@ def _publish(cfg: PipelineConfig, state: CrawlState, summary: Any, fetch_log_pat
     ds_fps = _dataset_fingerprints(cfg, list(datasets), refused_sources)
     # web-only: the pages fingerprint as before; with imports, it covers each dataset's content too
     pages_fp = web_fp if not ds_fps else fingerprint([web_fp, sorted((s.id, fp) for s, fp in ds_fps)])
-    stage = Stage("scrape", cfg.root / "raw",
+    stage = Stage("scrape", cfg.root / "raw", code=CODE_FILES,
                   config={"scrape": cfg.section("scrape"), "sources": _sources_for_manifest(cfg.scrape.sources)},
                   inputs={"pages": pages_fp})
     per_category: dict[str, int] = {}
@@ -233,7 +244,7 @@ def main(argv: list[str] | None = None) -> None:
     args = ap.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s", force=True)
     cfg = load_config(args.config, args.overrides)
-    with demo_site_env(cfg):
+    with demo_site_env(cfg.demo_site):
         m = run_scrape(cfg)
     c = m["counts"]
     print(f"scrape: {c['pages']} pages {c['pages_per_category']} -> {cfg.root / 'raw'}; "

@@ -21,9 +21,9 @@ import pyarrow as pa
 import pyarrow.compute as pc
 from prefect import task
 
-from tasks.config import PipelineConfig, config_from_dict, dump_resolved, load_config
-from tasks.manifest import Stage, require_manifest
-from tasks.textio import CategoryWriters, Progress, category_files, iter_batches, num_rows
+from tasks.core.config import PipelineConfig, config_from_dict, dump_resolved, load_config
+from tasks.core.manifest import Stage, require_manifest
+from tasks.core.textio import CategoryWriters, Progress, category_files, iter_batches, num_rows
 
 log = logging.getLogger("tasks.split")  # stable name also under python -m
 
@@ -39,10 +39,14 @@ def is_eval(cluster: str, salt: str, eval_fraction: float) -> bool:
     return eval_score(cluster, salt) < eval_fraction
 
 
+CODE_FILES = ("tasks/split.py", "tasks/core/textio.py")
+
+
 def run_split(cfg: PipelineConfig) -> dict[str, Any]:
     """Split ``<root>/clean`` into ``<root>/split/{train,eval}/<category>.parquet``; returns the manifest."""
     clean_m = require_manifest(cfg.root / "clean", "clean")
-    stage = Stage("split", cfg.root / "split", {"split": cfg.section("split")}, {"clean": clean_m["fingerprint"]})
+    stage = Stage("split", cfg.root / "split", {"split": cfg.section("split")}, {"clean": clean_m["fingerprint"]},
+                  code=CODE_FILES)
     if (m := stage.up_to_date()) is not None:
         log.info("split: up to date (%s)", stage.out_dir)
         return m

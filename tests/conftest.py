@@ -10,7 +10,7 @@ import pytest
 
 REPO = Path(__file__).resolve().parent.parent
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-# No GPU here: the fast path's Triton kernels (tasks/kernels.py) run in Triton's CPU interpreter,
+# No GPU here: the fast path's Triton kernels (tasks/train/kernels.py) run in Triton's CPU interpreter,
 # which is chosen when the kernels are defined, so before anything imports tasks.kernels
 if not Path("/dev/nvidiactl").exists():
     os.environ.setdefault("TRITON_INTERPRET", "1")
@@ -58,9 +58,9 @@ def prepare_tokenized(root: Path, model_dir: Path, docs: dict | None = None, **s
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    from tasks.config import config_from_dict
-    from tasks.manifest import write_json_atomic
-    from tasks.tokenize import run_tokenize
+    from tasks.core.config import config_from_dict
+    from tasks.core.manifest import write_json_atomic
+    from tasks.tokenize.stage import run_tokenize
 
     cfg = config_from_dict(tiny_config_dict(root, model_dir, **sections))
     docs = docs or {"recipes": CORPUS[:2] * 6, "code": CORPUS[4:5] * 6}

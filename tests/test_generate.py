@@ -6,16 +6,14 @@ import json
 import shutil
 
 import pytest
-
 from conftest import prepare_tokenized as _prepare
-from tasks.config import GenerateConfig, QuantizationConfig
 
-
+from tasks.core.config import GenerateConfig, QuantizationConfig
 
 
 @pytest.fixture(scope="module")
 def run(tmp_path_factory, tiny_model_dir):
-    from tasks.train import run_train
+    from tasks.train.stage import run_train
 
     root = tmp_path_factory.mktemp("gen")
     cfg = _prepare(root, tiny_model_dir, train={"max_steps": 4, "eval_every": 100, "save_every": 100},
@@ -26,7 +24,7 @@ def run(tmp_path_factory, tiny_model_dir):
 
 @pytest.fixture(scope="module")
 def loaded(run):
-    from tasks.generate import load_for_inference
+    from tasks.adapter.generate import load_for_inference
 
     return load_for_inference(run)
 
@@ -40,7 +38,7 @@ def _write(path, lines):
 
 
 def test_batch_answers_the_rest_and_reports_bad_lines(loaded, tmp_path):
-    from tasks.generate import run_batch
+    from tasks.adapter.generate import run_batch
 
     model, tok = loaded
     prompts = _write(tmp_path / "p.jsonl", [
@@ -73,7 +71,7 @@ def test_batch_answers_the_rest_and_reports_bad_lines(loaded, tmp_path):
 
 def test_batch_output_only_appears_when_complete(loaded, tmp_path, monkeypatch):
     """An interrupted batch leaves <out>.partial and the previous complete output untouched."""
-    import tasks.generate as g
+    import tasks.adapter.generate as g
 
     model, tok = loaded
     prompts = _write(tmp_path / "p.jsonl", [json.dumps({"id": i, "prompt": f"Soup {i}?"}) for i in range(3)])
@@ -100,7 +98,7 @@ def test_batch_output_only_appears_when_complete(loaded, tmp_path, monkeypatch):
 
 
 def test_empty_prompt_refused(run, loaded):
-    from tasks.generate import chat, run_generate
+    from tasks.adapter.generate import chat, run_generate
 
     with pytest.raises(ValueError, match="empty prompt"):
         run_generate(run, "  \n ")
@@ -109,7 +107,7 @@ def test_empty_prompt_refused(run, loaded):
 
 
 def test_sampling_settings_validated_and_seeded(loaded):
-    from tasks.generate import chat, gen_settings
+    from tasks.adapter.generate import chat, gen_settings
 
     with pytest.raises(Exception, match="temperature"):
         gen_settings(GEN, temperature=-1)
@@ -120,7 +118,7 @@ def test_sampling_settings_validated_and_seeded(loaded):
 
 
 def test_chat_session_keeps_history_and_streams(loaded):
-    from tasks.generate import chat_session
+    from tasks.adapter.generate import chat_session
 
     model, tok = loaded
     inputs = iter(["Lentil soup?", "  ", "And with lemon?", "/exit", "never read"])
@@ -136,7 +134,7 @@ def test_chat_session_keeps_history_and_streams(loaded):
 
 
 def test_compare_lists_base_and_adapter(run, tmp_path):
-    from tasks.generate import run_compare
+    from tasks.adapter.generate import run_compare
 
     md, res = run_compare(run, ["Lentil soup?", "Citric acid?"], tmp_path / "cmp.md", GEN)
     assert (tmp_path / "cmp.md").read_text() == md
@@ -151,7 +149,7 @@ def test_compare_lists_base_and_adapter(run, tmp_path):
 
 
 def test_mismatched_quantization_refused(run, capsys):
-    from tasks.generate import load_for_inference, main
+    from tasks.adapter.generate import load_for_inference, main
 
     with pytest.raises(ValueError, match="quantization mismatch.*compute_dtype: trained with 'float32'"):
         load_for_inference(run, QuantizationConfig(compute_dtype="bfloat16"))
@@ -161,7 +159,7 @@ def test_mismatched_quantization_refused(run, capsys):
 
 
 def test_cli_batch_and_ask(run, tmp_path, capsys):
-    from tasks.generate import main
+    from tasks.adapter.generate import main
 
     prompts = _write(tmp_path / "p.jsonl", [json.dumps({"id": "a", "prompt": "Soup?"}), "{oops"])
     main(["batch", "--run", str(run), "--prompts", str(prompts), "--out", str(tmp_path / "o.jsonl"),
@@ -178,7 +176,7 @@ def test_cli_batch_and_ask(run, tmp_path, capsys):
 def test_adapter_for_another_architecture_refused(run):
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    from tasks.generate import attach_adapter
+    from tasks.adapter.generate import attach_adapter
 
     other = LlamaForCausalLM(LlamaConfig(vocab_size=300, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
                                          num_attention_heads=4, num_key_value_heads=2))
@@ -187,7 +185,7 @@ def test_adapter_for_another_architecture_refused(run):
 
 
 def test_missing_base_named(run, tmp_path):
-    from tasks.generate import load_run_base
+    from tasks.adapter.generate import load_run_base
 
     moved = tmp_path / "run"
     shutil.copytree(run, moved, ignore=shutil.ignore_patterns("checkpoints", "tensorboard"))

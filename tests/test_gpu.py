@@ -1,9 +1,9 @@
 """GPU tests: ``pytest -m gpu tests/test_gpu.py``.
 
-One GPU: the fast path (tasks/fastpath.py) against plain PEFT and transformers' mask path: varlen
+One GPU: the fast path (tasks/train/fastpath.py) against plain PEFT and transformers' mask path: varlen
 attention equals each document run alone (no attention across document boundaries), the fused
 LoRA function's loss and gradients equal PEFT's, activation offload changes nothing but memory,
-and tasks/train.py with the fast defaults trains the curve the plain path trains.
+and tasks/train/ with the fast defaults trains the curve the plain path trains.
 Two GPUs: DDP and FSDP-QLoRA against 1 GPU with the doubled micro-batch: the same loss curve
 within tolerance (bf16 compute, NF4 base). A preempted DDP run resumes and ends where an
 uninterrupted one does. The model is a small random Llama (a few M parameters, made here), so no
@@ -20,10 +20,10 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import REPO, read_metrics, tiny_config_dict
 from safetensors.torch import load_file
 
-from conftest import REPO, read_metrics, tiny_config_dict
-from tasks.config import config_from_dict
+from tasks.core.config import config_from_dict
 
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")]
 two_gpus = pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs 2 CUDA GPUs")
@@ -88,7 +88,7 @@ def _adapters_close(d1, d2, min_cos: float = 0.95) -> None:
 @two_gpus
 @pytest.mark.parametrize("quant_storage", ["uint8", "bfloat16"])
 def test_ddp_two_gpus_matches_one(data_root, small_model_dir, quant_storage):
-    from tasks.train import run_train
+    from tasks.train.stage import run_train
 
     one = run_train(_cfg(data_root, small_model_dir, f"g1-{quant_storage}", quant_storage, micro_batch_size=4))
     two = run_train(_cfg(data_root, small_model_dir, f"ddp-{quant_storage}", quant_storage, micro_batch_size=2,
@@ -104,7 +104,7 @@ def test_fsdp_qlora_two_gpus_matches_one(data_root, small_model_dir):
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
 
-    from tasks.train import run_train
+    from tasks.train.stage import run_train
 
     one = run_train(_cfg(data_root, small_model_dir, "g1-bf16", "bfloat16", micro_batch_size=4))
     fsdp = run_train(_cfg(data_root, small_model_dir, "fsdp", "bfloat16", micro_batch_size=2, num_processes=2,
@@ -121,7 +121,7 @@ def test_fsdp_qlora_two_gpus_matches_one(data_root, small_model_dir):
 
 @two_gpus
 def test_fsdp_refuses_uint8_storage(data_root, small_model_dir):
-    from tasks.train import run_train
+    from tasks.train.stage import run_train
 
     with pytest.raises(ValueError, match="quant_storage equal to the compute dtype"):
         run_train(_cfg(data_root, small_model_dir, "fsdp-u8", "uint8", micro_batch_size=2, num_processes=2,
@@ -132,7 +132,9 @@ def test_fsdp_refuses_uint8_storage(data_root, small_model_dir):
 def test_ddp_preempted_then_resumed_matches_uninterrupted(data_root, small_model_dir, tmp_path):
     """SIGTERM to every process of a 2-GPU run: all ranks save at the same step boundary; the
     relaunch resumes and ends close to an uninterrupted run (deterministic kernels)."""
-    from tasks.train import PREEMPTED_MARK, latest_checkpoint, prepare_run, run_train
+    from tasks.train.checkpoint import latest_checkpoint
+    from tasks.train.stage import prepare_run, run_train
+    from tasks.train.supervisor import PREEMPTED_MARK
 
     kw = dict(micro_batch_size=2, num_processes=2, accelerate_config="configs/accelerate/ddp.yaml",
               deterministic=True, max_steps=10, save_every=100)
@@ -175,7 +177,7 @@ def _packed_position_ids(rows: int, seq: int, seed: int) -> torch.Tensor:
 
 
 def test_varlen_attention_stays_inside_documents():
-    from tasks import fastpath
+    from tasks.train import fastpath
 
     assert fastpath.varlen_kernel() is not None, "this torch has no torch.nn.attention.varlen"
     import inspect
@@ -223,9 +225,9 @@ def test_varlen_attention_stays_inside_documents():
 def _small_peft(model_dir, attn, fast_lora, seed=0, recompute=False, offload=False, dropout=0.0, kernels=False):
     from peft import LoraConfig, get_peft_model
 
-    from tasks import fastpath
-    from tasks.config import ModelConfig, QuantizationConfig
-    from tasks.model import load_base
+    from tasks.core.config import ModelConfig, QuantizationConfig
+    from tasks.core.model import load_base
+    from tasks.train import fastpath
 
     mc = ModelConfig(name=str(model_dir), quantization=QuantizationConfig(compute_dtype="bfloat16"))
     fp = fastpath.FastPath(attention=attn, liger=False, fast_lora=fast_lora, recompute=recompute,
@@ -276,7 +278,7 @@ def test_fast_path_matches_plain_peft(small_model_dir, kernels):
     l0, g0 = _loss_and_grads(plain, batch)
     del plain
     fast, _ = _small_peft(small_model_dir, "varlen", fast_lora=True, kernels=kernels)
-    from tasks import fastpath
+    from tasks.train import fastpath
 
     calls, real = [], fastpath.cu_seqlens_from_position_ids
     fastpath.cu_seqlens_from_position_ids = lambda p: calls.append(1) or real(p)
@@ -314,12 +316,12 @@ def test_offload_changes_nothing_but_memory(small_model_dir):
 
 
 def test_train_fast_defaults_match_plain_path(data_root, small_model_dir, caplog):
-    """tasks/train.py end to end on one GPU: the defaults (varlen, liger, fused LoRA), the
+    """tasks/train/ end to end on one GPU: the defaults (varlen, liger, fused LoRA), the
     low-memory setting (+ activation offload) and the speed setting (no recompute) train the loss
     curve the plain path (SDPA mask, PEFT forward, no liger) trains."""
     import logging
 
-    from tasks.train import run_train
+    from tasks.train.stage import run_train
 
     plain = run_train(_cfg(data_root, small_model_dir, "plain", micro_batch_size=4, attention="sdpa",
                            liger_kernel=False, fast_lora=False))

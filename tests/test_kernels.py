@@ -1,4 +1,4 @@
-"""The fast path's Triton kernels (tasks/kernels.py): on a GPU as they run in training, without one
+"""The fast path's Triton kernels (tasks/train/kernels.py): on a GPU as they run in training, without one
 in Triton's CPU interpreter (conftest switches it on). The NF4 dequantization is compared bit for
 bit with bitsandbytes', the dropout mask for reproducibility and its rate, and the fused LoRA
 function and the frozen-linear function, with the kernels on, with the same math written out."""
@@ -8,7 +8,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from tasks import fastpath, kernels
+from tasks.train import fastpath, kernels
 
 DEV = "cuda" if torch.cuda.is_available() else "cpu"
 pytestmark = pytest.mark.skipif(kernels.triton is None or not (DEV == "cuda" or kernels.INTERPRET),

@@ -17,7 +17,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from tasks.config import CATEGORIES, config_from_dict
+from tasks.core.config import CATEGORIES, config_from_dict
 from tasks.mix import plan_total, run_mix, select
 
 VOCAB = [f"w{i}" for i in range(500)]
@@ -169,7 +169,7 @@ def _cached_keys(root: Path, split: str = "train") -> dict[str, set[bytes]]:
 def test_rescrape_encodes_only_new_and_changed_documents(tmp_path, tok):
     """The encoder sees each text once: a re-run with added documents and one edited document
     encodes exactly those; n_tokens stays exact; text_hash names the text."""
-    from tasks.tokenize import Encoder, text_keys
+    from tasks.tokenize.cache import Encoder, text_keys
 
     rows = {"recipes": _docs("recipes", 300, 1), "articles": _docs("articles", 120, 2)}
     _write_rows(tmp_path, rows, "split-1")
@@ -217,7 +217,7 @@ def test_cache_is_collected_when_documents_leave_the_split(tmp_path, tok):
     kept = {"recipes": rows["recipes"][:60] + rows["recipes"][120::3]}
     _write_rows(tmp_path, kept, "split-2")
     m = run_mix(make_cfg(tmp_path, mix={"ratios": {"recipes": 1.0}}, tokenize={"cache_segment_tokens": 500}), tokenizer=tok)
-    from tasks.tokenize import text_keys
+    from tasks.tokenize.cache import text_keys
 
     live = {bytes(k) for k in text_keys([r["text"] for r in kept["recipes"]])}
     after = _cached_keys(tmp_path)
@@ -231,7 +231,7 @@ def test_cache_is_collected_when_documents_leave_the_split(tmp_path, tok):
 
 
 def test_corrupt_or_truncated_segment_is_detected_and_rebuilt(tmp_path, tok, caplog):
-    from tasks.tokenize import Encoder
+    from tasks.tokenize.cache import Encoder
 
     rows = {"recipes": _docs("recipes", 80, 7)}
     _write_rows(tmp_path, rows, "split-1")
@@ -256,7 +256,7 @@ def test_corrupt_or_truncated_segment_is_detected_and_rebuilt(tmp_path, tok, cap
     assert Encoder.texts_encoded - n0 == n_flipped + n_trunc  # exactly the lost documents, no more
     assert m["token_cache"]["segments_corrupt"] == 2
     assert str(flipped) in caplog.text and str(truncated) in caplog.text and "corrupt" in caplog.text
-    from tasks.manifest import sha256_file
+    from tasks.core.manifest import sha256_file
 
     for seg in (tmp_path / "tokcache").glob("*/train/recipes/*.arrow"):  # rebuilt (content-addressed: maybe same names)
         assert sha256_file(seg) == seg.stem
@@ -267,7 +267,7 @@ def test_corrupt_or_truncated_segment_is_detected_and_rebuilt(tmp_path, tok, cap
 
 def test_warm_cache_starts_no_worker():
     """A batch with nothing to encode is never submitted: a fully cached run starts no process pool."""
-    from tasks import tokenize as T
+    import tasks.tokenize.stage as T
 
     ref = T.TokenizerRef("hf", "/nonexistent.json", "f" * 64)
     out = list(T.ordered_encode(T.encode_job, ref, ((i, []) for i in range(5)), workers=4))

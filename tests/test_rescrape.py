@@ -10,9 +10,9 @@ import re
 from pathlib import Path
 
 import pytest
-
 from test_server import clone, prepared_root, write_config
-from tasks.promote import corpus_drift, decide
+
+from tasks.adapter.promote import corpus_drift, decide
 
 
 # --------------------------------------------------------------------------- plain functions
@@ -89,8 +89,8 @@ def test_unchanged_site_is_rescraped_conditionally_and_nothing_is_retrained(worl
 @pytest.mark.timeout(1800)
 def test_enough_changes_retrain_and_only_a_not_worse_adapter_is_promoted(world):
     from flows.rescrape import rescrape_and_retrain
-    from tasks.config import load_config
-    from tasks.promote import run_promote
+    from tasks.adapter.promote import run_promote
+    from tasks.core.config import load_config
 
     p, config = world
     before = _current(p.root)

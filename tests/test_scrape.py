@@ -14,7 +14,7 @@ import yaml
 from scrapers.crawl import SourceRefused, check_sources, require_permission
 from scrapers.fetcher import AddressGuard
 from scrapers.testsite import serve_site
-from tasks.config import CATEGORIES, PipelineConfig, SourceConfig
+from tasks.core.config import CATEGORIES, PipelineConfig, SourceConfig
 from tasks.scrape import run_scrape
 
 REPO = Path(__file__).resolve().parent.parent

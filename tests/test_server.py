@@ -202,7 +202,7 @@ def server(tmp_path_factory):
 def test_deployments_have_typed_parameters_and_the_configured_schedule(server):
     from prefect.client.orchestration import get_client
 
-    from tasks.config import load_config
+    from tasks.core.config import load_config
 
     with get_client(sync_client=True) as c:
         deps = {f"{c.read_flow(d.flow_id).name}/{d.name}": d for d in c.read_deployments()}

@@ -14,7 +14,7 @@ import pytest
 import yaml
 
 from scrapers.testsite import serve_site
-from tasks.config import PipelineConfig, load_sources
+from tasks.core.config import PipelineConfig, load_sources
 from tasks.extract import run_extract
 from tasks.scrape import run_scrape
 

@@ -9,7 +9,7 @@ from pathlib import Path
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from tasks.config import config_from_dict
+from tasks.core.config import config_from_dict
 from tasks.split import is_eval, run_split
 
 CLEAN_COLUMNS = ("doc_id", "url", "final_url", "fetched_at", "sha256", "source_id", "category", "license", "title",

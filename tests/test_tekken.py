@@ -16,9 +16,10 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from tasks.config import ModelConfig, config_from_dict
-from tasks.model import load_tokenizer, tokenizer_file, tokenizer_fingerprint
-from tasks.tokenize import Encoder, PackedShards, encode_job, tokenizer_ref
+from tasks.core.config import ModelConfig, config_from_dict
+from tasks.core.model import load_tokenizer, tokenizer_file, tokenizer_fingerprint
+from tasks.tokenize.cache import Encoder, encode_job, tokenizer_ref
+from tasks.tokenize.loader import PackedShards
 
 SPEC = "mistral-common:tekken_240911.json"
 

@@ -6,8 +6,9 @@ import numpy as np
 import pyarrow as pa
 import pytest
 
-from tasks.manifest import sha256_file
-from tasks.tokenize import DataPosition, PackedShards, Packer, ShardWriter, check_tokenizer, collate, id_dtype
+from tasks.core.manifest import sha256_file
+from tasks.tokenize.loader import DataPosition, PackedShards, check_tokenizer, collate
+from tasks.tokenize.pack import Packer, ShardWriter, id_dtype
 
 
 def _pack(tmp_path, docs, seq_len=16, rows_per_shard=4, vocab=1000, eos=0, pad=1):
@@ -101,12 +102,12 @@ def test_tokenizer_mismatch_refused(tmp_path):
 
 def test_run_tokenize_manifest(tmp_path, tiny_model_dir):
     import pyarrow.parquet as pq
-
     from conftest import tiny_config_dict
-    from tasks.config import config_from_dict
-    from tasks.manifest import write_json_atomic
-    from tasks.model import load_tokenizer, tokenizer_fingerprint
-    from tasks.tokenize import run_tokenize
+
+    from tasks.core.config import config_from_dict
+    from tasks.core.manifest import write_json_atomic
+    from tasks.core.model import load_tokenizer, tokenizer_fingerprint
+    from tasks.tokenize.stage import run_tokenize
 
     cfg = config_from_dict(tiny_config_dict(tmp_path, tiny_model_dir))
     texts = {"recipes": ["Red lentil soup with cumin and lemon."] * 5, "code": ["def f(x):\n    return x"] * 3}
@@ -142,7 +143,7 @@ def _write_split(root, n_train: int, n_eval: int, seed: int = 0, fingerprint: st
 
     import pyarrow.parquet as pq
 
-    from tasks.manifest import write_json_atomic
+    from tasks.core.manifest import write_json_atomic
 
     rng = random.Random(seed)
     texts = {}
@@ -163,9 +164,11 @@ def _write_split(root, n_train: int, n_eval: int, seed: int = 0, fingerprint: st
 
 def _prepare(root, model_dir, **tokenize):
     from conftest import tiny_config_dict
-    from tasks.config import config_from_dict
+
+    from tasks.core.config import config_from_dict
     from tasks.mix import run_mix
-    from tasks.tokenize import Encoder, run_tokenize
+    from tasks.tokenize.cache import Encoder
+    from tasks.tokenize.stage import run_tokenize
 
     cfg = config_from_dict(tiny_config_dict(root, model_dir, mix={"ratios": {"recipes": 0.7, "code": 0.3}},
                                             tokenize={"seq_len": 32, "rows_per_shard": 8, "batch_docs": 16,
@@ -248,9 +251,11 @@ def test_rescrape_and_lost_segments(tmp_path, tiny_model_dir, caplog):
     assert lost
     for p in lost:
         p.unlink()
-    from tasks.config import config_from_dict
-    from tasks.tokenize import Encoder, run_tokenize
     from conftest import tiny_config_dict
+
+    from tasks.core.config import config_from_dict
+    from tasks.tokenize.cache import Encoder
+    from tasks.tokenize.stage import run_tokenize
 
     cfg = config_from_dict(tiny_config_dict(root, tiny_model_dir, mix={"ratios": {"recipes": 0.7, "code": 0.3}},
                                             tokenize={"seq_len": 32, "rows_per_shard": 8, "batch_docs": 16,
@@ -281,7 +286,7 @@ def test_worker_processes_give_the_same_bytes(tmp_path, tiny_model_dir):
 def test_key_index_finds_exact_keys_only():
     """Lookups compare all 16 bytes: keys sharing their first 8 bytes stay apart; a duplicated key
     resolves to its first occurrence; absent keys are -1."""
-    from tasks.tokenize import KeyIndex
+    from tasks.tokenize.cache import KeyIndex
 
     rng = np.random.default_rng(0)
     keys = rng.integers(0, 256, (500, 16), dtype=np.uint8)

@@ -5,17 +5,16 @@ import shutil
 
 import pytest
 import torch
+from conftest import prepare_tokenized as _prepare
+from conftest import read_metrics
 from safetensors.torch import load_file
 
-from conftest import prepare_tokenized as _prepare, read_metrics
-from tasks.config import QuantizationConfig
-
-
+from tasks.core.config import QuantizationConfig
 
 
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory, tiny_model_dir):
-    from tasks.train import run_train
+    from tasks.train.stage import run_train
 
     root = tmp_path_factory.mktemp("train")
     cfg = _prepare(root, tiny_model_dir, train={"epochs": 2})
@@ -54,8 +53,8 @@ def test_adapter_loads_in_plain_peft(trained, tiny_model_dir):
 
 
 def test_evaluate_and_generate(trained):
+    from tasks.adapter.generate import run_generate
     from tasks.evaluate import run_evaluate
-    from tasks.generate import run_generate
 
     cfg, m = trained
     rep = run_evaluate(cfg)
@@ -73,7 +72,8 @@ def test_evaluate_and_generate(trained):
 def test_resume_from_checkpoint_matches_uninterrupted(tmp_path, tiny_model_dir):
     """Drop the end of a finished run, launch again: it resumes from the last verified checkpoint
     (O(1) data position, optimizer, schedule, RNG) and ends with a bit-identical adapter."""
-    from tasks.train import latest_checkpoint, run_train
+    from tasks.train.checkpoint import latest_checkpoint
+    from tasks.train.stage import run_train
 
     cfg = _prepare(tmp_path, tiny_model_dir, train={"max_steps": 4, "save_every": 2, "eval_every": 100})
     m = run_train(cfg)
@@ -101,7 +101,7 @@ def test_resume_from_checkpoint_matches_uninterrupted(tmp_path, tiny_model_dir):
 def test_init_adapter_continues_from_an_earlier_adapter(trained, tmp_path, tiny_model_dir):
     """train.init_adapter starts LoRA from a given adapter instead of zeros: with a learning rate too
     small to move anything, the new adapter equals the one it started from."""
-    from tasks.train import run_train
+    from tasks.train.stage import run_train
 
     _, m = trained
     cfg = _prepare(tmp_path, tiny_model_dir, train={"max_steps": 1, "lr": 1e-12, "warmup_steps": 0,

@@ -15,10 +15,10 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import REPO, read_metrics
 from safetensors.torch import load_file
 
-from conftest import REPO, read_metrics
-from tasks.config import config_from_dict
+from tasks.core.config import config_from_dict
 
 TRAIN = {"max_steps": 8, "save_every": 2, "eval_every": 4, "keep_checkpoints": 10, "warmup_steps": 2}
 
@@ -53,7 +53,7 @@ def _adapter(run_dir: Path) -> dict[str, torch.Tensor]:
 @pytest.fixture(scope="module")
 def reference(data_root, tiny_model_dir):
     """The uninterrupted run every interrupted one must reproduce."""
-    from tasks.train import run_train
+    from tasks.train.stage import run_train
 
     m = run_train(_cfg(data_root, tiny_model_dir, "ref"))
     run = Path(m["run_dir"])
@@ -62,7 +62,7 @@ def reference(data_root, tiny_model_dir):
 
 def _launch(cfg, log: Path, **env) -> tuple[Path, subprocess.Popen]:
     """Start the worker as run_train would, but in the background, so the test can kill it."""
-    from tasks.train import prepare_run
+    from tasks.train.stage import prepare_run
 
     run_dir, cmd, _ = prepare_run(cfg)
     proc = subprocess.Popen(cmd, cwd=REPO, stdout=open(log, "w"), stderr=subprocess.STDOUT, start_new_session=True,
@@ -93,7 +93,8 @@ def _assert_matches_reference(run_dir: Path, reference) -> None:
 
 
 def test_kill9_at_random_step_then_resume_is_bitwise_identical(data_root, tiny_model_dir, reference, tmp_path):
-    from tasks.train import latest_checkpoint, run_train
+    from tasks.train.checkpoint import latest_checkpoint
+    from tasks.train.stage import run_train
 
     cfg = _cfg(data_root, tiny_model_dir, "kill9")
     log = tmp_path / "worker.log"
@@ -112,7 +113,9 @@ def test_kill9_at_random_step_then_resume_is_bitwise_identical(data_root, tiny_m
 
 
 def test_sigterm_saves_at_step_boundary_exits_75_and_resumes(data_root, tiny_model_dir, reference, tmp_path):
-    from tasks.train import EXIT_PREEMPTED, PREEMPTED_MARK, latest_checkpoint, run_train
+    from tasks.train.checkpoint import latest_checkpoint
+    from tasks.train.stage import run_train
+    from tasks.train.supervisor import EXIT_PREEMPTED, PREEMPTED_MARK
 
     cfg = _cfg(data_root, tiny_model_dir, "sigterm")
     log = tmp_path / "worker.log"
@@ -135,7 +138,8 @@ def test_sigterm_saves_at_step_boundary_exits_75_and_resumes(data_root, tiny_mod
 
 
 def test_kill_during_checkpoint_write_previous_one_loads(data_root, tiny_model_dir, reference, tmp_path):
-    from tasks.train import latest_checkpoint, run_train
+    from tasks.train.checkpoint import latest_checkpoint
+    from tasks.train.stage import run_train
 
     cfg = _cfg(data_root, tiny_model_dir, "tornckpt")
     log = tmp_path / "worker.log"
@@ -154,8 +158,8 @@ def test_kill_during_checkpoint_write_previous_one_loads(data_root, tiny_model_d
 
 # ------------------------------------------------------------------------ NaN and spike guard
 def test_injected_nan_is_skipped_weights_unchanged_and_counted(data_root, tiny_model_dir, monkeypatch):
-    from tasks.tokenize import DataPosition, PackedShards
-    from tasks.train import run_train
+    from tasks.tokenize.loader import DataPosition, PackedShards
+    from tasks.train.stage import run_train
 
     monkeypatch.setenv("D2A_INJECT_NAN_STEPS", "3")
     cfg = _cfg(data_root, tiny_model_dir, "nan1", max_steps=5, save_every=1, eval_every=100)
@@ -180,7 +184,8 @@ def test_injected_nan_is_skipped_weights_unchanged_and_counted(data_root, tiny_m
 
 
 def test_repeated_nans_roll_back_with_lower_lr(data_root, tiny_model_dir, monkeypatch, reference):
-    from tasks.train import ROLLBACK_FILE, run_train
+    from tasks.train.stage import run_train
+    from tasks.train.supervisor import ROLLBACK_FILE
 
     monkeypatch.setenv("D2A_INJECT_NAN_STEPS", "3,4")
     cfg = _cfg(data_root, tiny_model_dir, "rollback", max_bad_steps=2, rollback_lr_factor=0.5)
@@ -200,7 +205,8 @@ def test_repeated_nans_roll_back_with_lower_lr(data_root, tiny_model_dir, monkey
 
 
 def test_repeated_nans_stop_with_a_clear_message(data_root, tiny_model_dir, monkeypatch):
-    from tasks.train import DIVERGED_FILE, TrainingDiverged, run_dir_for, run_train
+    from tasks.train.stage import run_dir_for, run_train
+    from tasks.train.supervisor import DIVERGED_FILE, TrainingDiverged
 
     monkeypatch.setenv("D2A_INJECT_NAN_STEPS", "3,4")
     cfg = _cfg(data_root, tiny_model_dir, "stop", max_bad_steps=2, on_divergence="stop")
@@ -212,7 +218,8 @@ def test_repeated_nans_stop_with_a_clear_message(data_root, tiny_model_dir, monk
 
 
 def test_loss_spike_is_skipped_and_stops_without_rollbacks_left(data_root, tiny_model_dir, monkeypatch):
-    from tasks.train import TrainingDiverged, run_train
+    from tasks.train.stage import run_train
+    from tasks.train.supervisor import TrainingDiverged
 
     monkeypatch.setenv("D2A_INJECT_SPIKE_STEPS", "5")
     cfg = _cfg(data_root, tiny_model_dir, "spike", spike_factor=3.0, spike_window=2, max_rollbacks=0)
@@ -222,7 +229,7 @@ def test_loss_spike_is_skipped_and_stops_without_rollbacks_left(data_root, tiny_
 
 # ------------------------------------------------------------------ checkpoints and token budget
 def test_keep_last_k_plus_best_by_eval_loss(tmp_path):
-    from tasks.train import prune_checkpoints
+    from tasks.train.checkpoint import prune_checkpoints
 
     ck = tmp_path / "checkpoints"
     for s, ev in [(2, 1.0), (4, 0.5), (6, 0.9), (8, None), (10, 0.8)]:
@@ -239,7 +246,7 @@ def test_keep_last_k_plus_best_by_eval_loss(tmp_path):
 def test_checkpoint_with_nonfinite_weights_is_never_written(tmp_path):
     from accelerate import Accelerator
 
-    from tasks.train import NonFiniteWeights, save_checkpoint
+    from tasks.train.checkpoint import NonFiniteWeights, save_checkpoint
 
     lin = torch.nn.Linear(2, 2)
     with torch.no_grad():
@@ -252,7 +259,7 @@ def test_checkpoint_with_nonfinite_weights_is_never_written(tmp_path):
 def test_trainer_state_and_token_budget(data_root, tiny_model_dir):
     """max_tokens / warmup_tokens / eval_every_tokens / save_every_tokens convert to steps once
     (tokens per step = 2 x 2 x 1 x 32 = 128); the checkpoint records what resuming must match."""
-    from tasks.train import run_train
+    from tasks.train.stage import run_train
 
     cfg = _cfg(data_root, tiny_model_dir, "tokens", max_steps=None, max_tokens=600, warmup_tokens=256,
                eval_every_tokens=384, save_every_tokens=256, keep_checkpoints=1, keep_best=True)
@@ -294,7 +301,7 @@ def _alive_with(marker: str) -> list[int]:
 def test_cancelled_supervise_leaves_no_process_alive():
     import logging
 
-    from tasks.train import supervise
+    from tasks.train.supervisor import supervise
 
     marker = f"d2a-stuck-rank-{os.getpid()}-{time.time_ns()}"
 
@@ -315,11 +322,13 @@ def test_killed_supervisor_stops_the_training_worker(data_root, tiny_model_dir, 
     """The flow's process dies outright (kill -9): the worker notices, saves and exits; no rank stays."""
     import psutil
 
-    from tasks.train import PREEMPTED_MARK, latest_checkpoint, run_dir_for
+    from tasks.train.checkpoint import latest_checkpoint
+    from tasks.train.stage import run_dir_for
+    from tasks.train.supervisor import PREEMPTED_MARK
 
     cfg = _cfg(data_root, tiny_model_dir, "orphan", max_steps=200, save_every=100)
     run_dir = run_dir_for(cfg)
-    code = ("import sys; sys.path.insert(0, %r); from tasks.config import config_from_dict; from tasks.train import run_train; "
+    code = ("import sys; sys.path.insert(0, %r); from tasks.core.config import config_from_dict; from tasks.train import run_train; "
             "import json; run_train(config_from_dict(json.loads(sys.argv[1])))" % str(REPO))
     sup = subprocess.Popen([sys.executable, "-c", code, json.dumps(cfg.model_dump(mode="json"))], cwd=REPO,
                            env={**os.environ, "D2A_STEP_SLEEP_S": "0.1"}, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
@@ -338,7 +347,7 @@ def test_killed_supervisor_stops_the_training_worker(data_root, tiny_model_dir, 
 def test_fsdp_with_uint8_quant_storage_is_refused_clearly(tmp_path, tiny_model_dir):
     from conftest import tiny_config_dict
 
-    from tasks.train import check_launch
+    from tasks.train.stage import check_launch
 
     d = tiny_config_dict(tmp_path, tiny_model_dir, train={"accelerate_config": "configs/accelerate/fsdp.yaml", "num_processes": 2})
     with pytest.raises(ValueError, match=r"FSDP-QLoRA needs model.quantization.quant_storage equal to the compute dtype \('float32'\), but it is 'uint8'"):
@@ -353,7 +362,7 @@ def test_fsdp_with_uint8_quant_storage_is_refused_clearly(tmp_path, tiny_model_d
 def test_launch_commands(tmp_path, tiny_model_dir):
     from conftest import tiny_config_dict
 
-    from tasks.train import launch_command
+    from tasks.train.stage import launch_command
 
     def cmd(**train):
         return launch_command(config_from_dict(tiny_config_dict(tmp_path, tiny_model_dir, train=train)), tmp_path / "r")
@@ -372,7 +381,8 @@ def test_launch_commands(tmp_path, tiny_model_dir):
 def test_train_task_retries_interruptions_and_crashes_not_divergence():
     from prefect.states import Failed
 
-    from tasks.train import TrainingDiverged, TrainingFailed, TrainingInterrupted, _retry_when_interrupted, train
+    from tasks.train.stage import TrainingFailed, _retry_when_interrupted, train
+    from tasks.train.supervisor import TrainingDiverged, TrainingInterrupted
 
     assert train.retries >= 2
     assert _retry_when_interrupted(None, None, Failed(data=TrainingInterrupted("x"), message="TrainingInterrupted('x')"))
@@ -382,8 +392,8 @@ def test_train_task_retries_interruptions_and_crashes_not_divergence():
 
 
 def test_plan_steps_converts_token_budgets_once():
-    from tasks.config import TrainConfig
-    from tasks.train import plan_steps
+    from tasks.core.config import TrainConfig
+    from tasks.train.plan import plan_steps
 
     tc = TrainConfig(micro_batch_size=8, grad_accum=4, max_tokens=56_000_000_000, warmup_tokens=200 * 8 * 4 * 16 * 2048,
                      eval_every_tokens=10**9, save_every_tokens=10**9)

@@ -12,7 +12,6 @@ import time
 from pathlib import Path
 
 import pytest
-
 from test_server import artifacts_of, clone, prepared_root, served, wait_final, write_config
 
 CHROMIUM = Path("/usr/bin/chromium")

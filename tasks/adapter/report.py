@@ -10,7 +10,7 @@ import matplotlib
 matplotlib.use("Agg")  # headless: no display on servers or CI
 import matplotlib.pyplot as plt  # noqa: E402
 
-from tasks.textio import read_jsonl  # noqa: E402
+from tasks.core.textio import read_jsonl  # noqa: E402
 
 
 def plot_training(metrics_path: Path, out: Path) -> Path:

@@ -23,13 +23,12 @@ from importlib import metadata
 from pathlib import Path
 from typing import Any
 
+from scrapers.hashing import fingerprint, sha256_bytes  # noqa: F401 - one definition, shared
+from scrapers.schema import REPO_ROOT
+
 MANIFEST = "manifest.json"
 _LIBS = ("torch", "transformers", "peft", "bitsandbytes", "accelerate", "prefect", "pyarrow", "datasets",
          "trafilatura", "beautifulsoup4", "protego", "datasketch", "mistral-common")
-
-
-def sha256_bytes(data: bytes) -> str:
-    return hashlib.sha256(data).hexdigest()
 
 
 def sha256_file(path: str | os.PathLike[str], chunk: int = 1 << 20) -> str:
@@ -38,11 +37,6 @@ def sha256_file(path: str | os.PathLike[str], chunk: int = 1 << 20) -> str:
         while block := f.read(chunk):
             h.update(block)
     return h.hexdigest()
-
-
-def fingerprint(obj: Any) -> str:
-    """Stable hash of a JSON-able object (sorted keys, no whitespace)."""
-    return sha256_bytes(json.dumps(obj, sort_keys=True, separators=(",", ":"), default=str).encode())
 
 
 def library_versions() -> dict[str, str]:
@@ -81,18 +75,14 @@ def write_json_atomic(path: Path, obj: Any) -> None:
     os.replace(tmp, path)
 
 
-REPO_ROOT = Path(__file__).resolve().parent.parent
-# The code a stage's output depends on besides its config: editing it invalidates the stage's cache.
-# Training is the exception: its run directory is keyed by this fingerprint, and a code fix must not
-# orphan a week-long run's checkpoints.
-_CODE = {"extract": ("tasks/extract.py", "scrapers/*.py"), "clean": ("tasks/clean.py", "tasks/dedup.py", "tasks/textio.py"),
-         "mix": ("tasks/mix.py", "tasks/tokenize.py", "tasks/textio.py"),
-         "tokenize": ("tasks/tokenize.py", "tasks/textio.py"), "train": ()}
-
-
-def code_fingerprint(stage: str) -> str:
-    files = sorted(p for pat in _CODE.get(stage, (f"tasks/{stage}.py",)) for p in REPO_ROOT.glob(pat))
-    return fingerprint({str(p.relative_to(REPO_ROOT)): sha256_file(p) for p in files})
+def code_fingerprint(files: tuple[str, ...] | list[str]) -> str:
+    """Hash of exactly the code files a stage declares (repo-relative paths, beside its run_<stage>):
+    editing one of them invalidates that stage's cache, editing anything else (a benchmark, the
+    training reader, a test site) re-runs nothing."""
+    missing = [f for f in files if not (REPO_ROOT / f).is_file()]
+    if missing:
+        raise FileNotFoundError(f"stage code files not found: {', '.join(missing)} (update the stage's CODE_FILES)")
+    return fingerprint({f: sha256_file(REPO_ROOT / f) for f in sorted(files)})
 
 
 @dataclass
@@ -103,11 +93,14 @@ class Stage:
     out_dir: Path
     config: dict[str, Any]
     inputs: dict[str, str]  # input name -> fingerprint
+    # the code files its output depends on besides its config. Training declares none: its run
+    # directory is keyed by this fingerprint, and a code fix must not orphan a week-long run's checkpoints
+    code: tuple[str, ...] = ()
 
     @property
     def fingerprint(self) -> str:
         return fingerprint({"stage": self.name, "config": self.config, "inputs": self.inputs,
-                            "code": code_fingerprint(self.name)})
+                            "code": code_fingerprint(self.code)})
 
     def up_to_date(self) -> dict[str, Any] | None:
         m = read_manifest(self.out_dir)

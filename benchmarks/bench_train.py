@@ -1,12 +1,12 @@
 """Training throughput benchmark: the seed notebook's path vs this project's path, side by side.
 
     # once, on any machine: Tekken-tokenized demo text packed by this project's own packer
-    python -m tasks.bench_train prepare-data --out .benchdata/tekken-2048 --seq-len 2048
+    python -m benchmarks.bench_train prepare-data --out .benchdata/tekken-2048 --seq-len 2048
     # on an H200: the exact Mistral-Small-24B-Instruct architecture, random weights
-    python -m tasks.bench_train run --arch mistral-small-24b --data .benchdata/tekken-2048 \
+    python -m benchmarks.bench_train run --arch mistral-small-24b --data .benchdata/tekken-2048 \
         --paths seed,project,project+varlen,project+varlen+fastlora,speed,lowmem
     # on a CPU, the demo model (anyone can run this)
-    python -m tasks.bench_train run --arch smollm2-135m --batch 2 --seq-len 512
+    python -m benchmarks.bench_train run --arch smollm2-135m --batch 2 --seq-len 512
 
 Every row loads the same checkpoint afresh through the real ``from_pretrained`` +
 ``BitsAndBytesConfig`` path (NF4, double quant, bf16 compute), trains LoRA r32/a64/d0.05 on q,k,v
@@ -15,10 +15,10 @@ and the loss of its first and last step, all rows side by side in one table:
 
 - seed: ``prepare_model_for_kbit_training`` (fp32 up-casting, reentrant full recompute) + PEFT, as
   in the seed's notebook; plain causal batches (attention crosses document boundaries).
-- project: ``tasks/train.py`` with the fast path off: bf16 everywhere, non-reentrant gradient
+- project: ``tasks/train/`` with the fast path off: bf16 everywhere, non-reentrant gradient
   checkpointing, packed rows with per-document attention through transformers' SDPA mask.
 - project+<switch>...: one lever at a time (``--paths project+varlen,project+varlen+fastlora``);
-- speed / lowmem: the two operating points of issue 6 (``PRESETS``), i.e. tasks/train.py with
+- speed / lowmem: the two operating points of issue 6 (``PRESETS``), i.e. tasks/train/ with
   ``train.gradient_checkpointing=false train.micro_batch_size=4`` / ``train.activation_offload=true``.
 
 FLOP convention (MFU): a frozen base does no weight-gradient work, so a token costs about
@@ -107,7 +107,7 @@ def prepare_data(out: Path, seq_len: int, texts_dir: Path) -> None:
     import pyarrow.parquet as pq
     from transformers import MistralCommonBackend
 
-    from tasks.tokenize import Packer, ShardWriter
+    from tasks.tokenize.pack import Packer, ShardWriter
 
     tok = MistralCommonBackend(tokenizer_path=Path(mistral_common.__file__).parent / "data" / "tekken_240911.json")
     texts = []
@@ -145,7 +145,7 @@ def batches(data: Path | None, cfg, batch: int, seq_len: int, n: int, seed: int 
     import numpy as np
     import torch
 
-    from tasks.tokenize import PackedShards, collate
+    from tasks.tokenize.loader import PackedShards, collate
 
     if data is not None:
         shards = PackedShards(data / "train")
@@ -280,7 +280,7 @@ def lora_cfg(dropout: float = 0.05):
 # Rows of the table. A row is a base path plus modifiers and a batch: "project+liger+varlen@4".
 #   seed         the seed notebook (prepare_model_for_kbit_training, fp32 up-cast, reentrant recompute,
 #                unpacked batches)
-#   project      tasks/train.py with every fast-path switch off: bf16, non-reentrant recompute, packed
+#   project      tasks/train/ with every fast-path switch off: bf16, non-reentrant recompute, packed
 #                rows through transformers' SDPA with a per-document mask, PEFT's LoRA forward
 #   +liger       liger-kernel RoPE/RMSNorm/SwiGLU/fused linear cross-entropy  (train.liger_kernel)
 #   +varlen      varlen flash attention over the documents                       (train.attention=varlen)
@@ -335,8 +335,8 @@ def run(args) -> None:
     from peft import get_peft_model, prepare_model_for_kbit_training
     from transformers import AutoModelForCausalLM, BitsAndBytesConfig
 
-    from tasks import fastpath
-    from tasks.model import disable_cpu_inference_repack, quiet_libraries
+    from tasks.core.model import disable_cpu_inference_repack, quiet_libraries
+    from tasks.train import fastpath
 
     quiet_libraries()
     cuda = torch.cuda.is_available()
@@ -443,7 +443,7 @@ def bench_kernels(args) -> None:
     import bitsandbytes.functional as F
     import torch
 
-    from tasks import fastpath, kernels
+    from tasks.train import fastpath, kernels
 
     if not torch.cuda.is_available():
         raise SystemExit("bench kernels needs a CUDA GPU")

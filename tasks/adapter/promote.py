@@ -30,10 +30,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from tasks.config import PipelineConfig
-from tasks.manifest import fingerprint, read_manifest, write_json_atomic
+from tasks.core.config import PipelineConfig
+from tasks.core.manifest import fingerprint, read_manifest, write_json_atomic
 
-log = logging.getLogger("tasks.promote")
+log = logging.getLogger("tasks.adapter.promote")
 
 CURRENT = "current.json"
 HISTORY = "promotions.jsonl"
@@ -208,8 +208,8 @@ def decide(candidate: dict[str, float], current: dict[str, float] | None, tolera
 def measure_adapter(run_dir: Path, tokenized_dir: Path, max_rows: int, batch_size: int) -> dict[str, float]:
     """Held-out loss per category of the adapter in ``run_dir`` on ``tokenized_dir``'s eval rows: the
     same rows and code ``tasks.evaluate`` uses, so the numbers compare with an ``eval.json``."""
+    from tasks.adapter.generate import load_for_inference
     from tasks.evaluate import eval_losses, load_eval_sets
-    from tasks.generate import load_for_inference
 
     model, _ = load_for_inference(Path(run_dir))
     device = next(model.parameters()).device

@@ -1,6 +1,6 @@
 """Two Triton kernels for the fast QLoRA path (issue 6), each with a plain-torch fallback.
 
-A profile of the speed point on an H200 (tasks/BENCH_NOTES.md) put the GEMMs at 92 % of the
+A profile of the speed point on an H200 (benchmarks/BENCH_NOTES.md) put the GEMMs at 92 % of the
 measured bf16 rate; of what is left, two pieces are ours to shrink:
 
 - **NF4 dequantization** (``dequantize_nf4``): bitsandbytes runs two kernels and a float add per

@@ -1,9 +1,9 @@
 """Export a trained adapter: merge it into a bf16 (de-quantized) copy of the base, verify the merge,
 and write a self-describing model directory; check the adapter directory for PEFT/vLLM loading.
 
-    python -m tasks.export --run data/demo/runs/<run_id>                 # -> <run>/merged/
-    python -m tasks.export --run data/demo/runs/<run_id> --into-4bit     # -> <run>/merged-4bit/ (lossy, measured)
-    python -m tasks.export --run data/demo/runs/<run_id> --vllm-adapter  # -> <run>/adapter-vllm/
+    python -m tasks.adapter.export --run data/demo/runs/<run_id>                 # -> <run>/merged/
+    python -m tasks.adapter.export --run data/demo/runs/<run_id> --into-4bit     # -> <run>/merged-4bit/ (lossy, measured)
+    python -m tasks.adapter.export --run data/demo/runs/<run_id> --vllm-adapter  # -> <run>/adapter-vllm/
 
 The merge loads the base unquantized from the recorded ``base_path`` (float32: the bf16 weights
 upcast exactly), attaches the adapter (``PeftModel.from_pretrained``) and computes reference logits
@@ -33,8 +33,8 @@ from typing import Any
 
 from prefect import task
 
-from tasks.config import ConfigError, load_config
-from tasks.manifest import fingerprint, library_versions, sha256_file, write_json_atomic
+from tasks.core.config import ConfigError, load_config
+from tasks.core.manifest import fingerprint, library_versions, sha256_file, write_json_atomic
 
 log = logging.getLogger(__name__)
 
@@ -191,7 +191,7 @@ def prepare_vllm_adapter(run_dir: Path, out_dir: Path | None = None) -> Path:
         extra = [k for k in st.keys() if "lora_" not in k]
     if extra:
         raise ValueError(f"{src}/adapter_model.safetensors holds {len(extra)} non-LoRA tensor(s) (e.g. {extra[0]}), "
-                         "trained base biases that vLLM cannot apply: serve the merged model (tasks.export) instead")
+                         "trained base biases that vLLM cannot apply: serve the merged model (tasks.adapter.export) instead")
     name = _recorded_base_name(src) or cfg.get("base_model_name_or_path")
     cfg.update({"base_model_name_or_path": name, "bias": "none"})
     tmp = out.with_name(out.name + ".partial")
@@ -212,7 +212,7 @@ def prepare_vllm_adapter(run_dir: Path, out_dir: Path | None = None) -> Path:
 # ------------------------------------------------------------------------------- logits
 def check_inputs(tok, eval_prompt: str | None) -> tuple[list[str], list[dict[str, Any]]]:
     """The fixed verification inputs: chat-templated prompts plus one raw text."""
-    from tasks.generate import encode_messages
+    from tasks.adapter.generate import encode_messages
 
     prompts = [p for p in ((eval_prompt,) if eval_prompt else ()) + CHECK_PROMPTS]
     encs = [encode_messages(tok, [{"role": "user", "content": p}]) for p in prompts]
@@ -270,8 +270,8 @@ def merge_bf16(run_dir: Path, tmp: Path, rec: dict[str, Any], rel_tolerance: flo
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
 
-    from tasks.generate import check_adapter_fits, check_base_present
-    from tasks.model import load_tokenizer
+    from tasks.adapter.generate import check_adapter_fits, check_base_present
+    from tasks.core.model import load_tokenizer
 
     cfg = load_config(Path(run_dir) / "config.yaml")
     base_path = rec["quantization"]["base_path"]
@@ -310,8 +310,8 @@ def merge_bf16(run_dir: Path, tmp: Path, rec: dict[str, Any], rel_tolerance: flo
 
 def merge_4bit(run_dir: Path, tmp: Path) -> dict[str, Any]:
     """Merge into the 4-bit base as training loaded it. Lossy: measured, never silently offered."""
-    from tasks.generate import attach_adapter, load_run_base
-    from tasks.model import disable_cpu_inference_repack
+    from tasks.adapter.generate import attach_adapter, load_run_base
+    from tasks.core.model import disable_cpu_inference_repack
 
     cfg = load_config(Path(run_dir) / "config.yaml")
     msg = ("merging into the 4-bit base re-quantizes W + BA to NF4: the rounding (up to half a quantization "
@@ -332,7 +332,7 @@ def merge_4bit(run_dir: Path, tmp: Path) -> dict[str, Any]:
     _free(model, merged)
     stats = compare_logits(ref, got)
     return {"kind": "4bit", "saved_dtype": f"4-bit {rec_quant_type(run_dir)}", "check_dtype": cfg.model.quantization.compute_dtype,
-            "reference": "4-bit base + adapter (as trained and served by tasks.generate)",
+            "reference": "4-bit base + adapter (as trained and served by tasks.adapter.generate)",
             "prompts": prompts, "tolerance": None, **stats, "passed": True, "warning": msg}
 
 
@@ -474,7 +474,7 @@ def export(run_dir: str, out_dir: str | None = None, into_4bit: bool = False) ->
 
 
 def main(argv: list[str] | None = None) -> None:
-    ap = argparse.ArgumentParser(prog="python -m tasks.export", description=__doc__.split("\n\n")[0])
+    ap = argparse.ArgumentParser(prog="python -m tasks.adapter.export", description=__doc__.split("\n\n")[0])
     ap.add_argument("--run", required=True, type=Path, help="runs/<run_id> directory of a finished run")
     ap.add_argument("--out", type=Path, help="default <run>/merged (or <run>/merged-4bit)")
     ap.add_argument("--into-4bit", action="store_true",
@@ -486,8 +486,8 @@ def main(argv: list[str] | None = None) -> None:
     a = ap.parse_args(argv)
     # not force=True: an embedding caller's (or pytest's) handlers stay in place
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    from tasks.generate import pick_device_map
-    from tasks.model import quiet_libraries
+    from tasks.adapter.generate import pick_device_map
+    from tasks.core.model import quiet_libraries
 
     quiet_libraries()
     try:

@@ -2,10 +2,10 @@
 recorded (a mismatch is refused unless explicitly overridden), the adapter on top, and prompts go
 through the model's chat template.
 
-    python -m tasks.generate --run R --prompt "A quick lentil soup?"            # = ask
-    python -m tasks.generate chat    --run R                                     # streamed, multi-turn, /exit
-    python -m tasks.generate batch   --run R --prompts p.jsonl --out a.jsonl     # {"id":..,"prompt":..} per line
-    python -m tasks.generate compare --run R --prompts p.jsonl --out cmp.md      # base vs adapter, Markdown + JSON
+    python -m tasks.adapter.generate --run R --prompt "A quick lentil soup?"            # = ask
+    python -m tasks.adapter.generate chat    --run R                                     # streamed, multi-turn, /exit
+    python -m tasks.adapter.generate batch   --run R --prompts p.jsonl --out a.jsonl     # {"id":..,"prompt":..} per line
+    python -m tasks.adapter.generate compare --run R --prompts p.jsonl --out cmp.md      # base vs adapter, Markdown + JSON
 
 Sampling settings come from the run config's ``generate`` section (temperature, top_p,
 max_new_tokens, seed); ``--temperature`` etc. override them. The seed is reset before every answer,
@@ -28,7 +28,7 @@ from typing import IO, Any
 
 from prefect import task
 
-from tasks.config import ConfigError, GenerateConfig, QuantizationConfig, load_config
+from tasks.core.config import ConfigError, GenerateConfig, QuantizationConfig, load_config
 
 log = logging.getLogger(__name__)
 
@@ -71,7 +71,7 @@ def load_run_base(run_dir: Path, quantization: QuantizationConfig | None = None,
                   allow_quantization_mismatch: bool = False, device_map: Any = _AUTO):
     """(base model, tokenizer) loaded exactly as the run trained it. ``quantization`` is what the
     caller asks for; it must equal what training recorded in ``adapter/quantization.json``."""
-    from tasks.model import check_quantization, load_base, load_tokenizer
+    from tasks.core.model import check_quantization, load_base, load_tokenizer
 
     adapter = Path(run_dir) / "adapter"
     record = read_quantization_record(run_dir)
@@ -119,7 +119,7 @@ def check_adapter_fits(base, adapter_dir: Path) -> None:
 def attach_adapter(base, run_dir: Path):
     from peft import PeftModel
 
-    from tasks.model import disable_cpu_inference_repack
+    from tasks.core.model import disable_cpu_inference_repack
 
     adapter = Path(run_dir) / "adapter"
     check_adapter_fits(base, adapter)
@@ -436,7 +436,7 @@ def run_compare(run_dir: Path, prompts: list[str], out_md: Path, gen: GenerateCo
     tmp = out_md.with_name(out_md.name + ".partial")
     tmp.write_text(md, encoding="utf-8")
     os.replace(tmp, out_md)
-    from tasks.manifest import write_json_atomic
+    from tasks.core.manifest import write_json_atomic
 
     write_json_atomic(out_md.with_suffix(".json"), result)
     return md, result
@@ -484,7 +484,7 @@ def _parser() -> argparse.ArgumentParser:
                         help="load the base with this quantization setting instead of the recorded one "
                              "(refused unless --allow-quantization-mismatch), e.g. --quant compute_dtype=float32")
     common.add_argument("--allow-quantization-mismatch", action="store_true")
-    ap = argparse.ArgumentParser(prog="python -m tasks.generate",
+    ap = argparse.ArgumentParser(prog="python -m tasks.adapter.generate",
                                  description="Use a trained adapter: ask, chat, batch, compare.")
     sub = ap.add_subparsers(dest="cmd", required=True)
     p = sub.add_parser("ask", parents=[common], help="answer one prompt (the default when --prompt is given)")
@@ -528,7 +528,7 @@ def main(argv: list[str] | None = None) -> None:
 
 
 def _main(a) -> None:
-    from tasks.model import quiet_libraries
+    from tasks.core.model import quiet_libraries
 
     quiet_libraries()
     cfg = load_config(a.run / "config.yaml")

@@ -2,9 +2,9 @@
 
     # once, here (needs the demo's split: `make demo`): the demo text, Tekken-tokenized and packed to
     # 2048 by this project's own mix + tokenize stages, and Tekken as a Hugging Face tokenizer
-    python -m tasks.bench_scaling prepare --out .benchdata/scaling
+    python -m benchmarks.bench_scaling prepare --out .benchdata/scaling
     # on a machine with 2 GPUs: the exact Mistral-Small-24B architecture, random weights
-    python -m tasks.bench_scaling run --data .benchdata/scaling --gpus 1 2
+    python -m benchmarks.bench_scaling run --data .benchdata/scaling --gpus 1 2
 
 Everything runs through the real stage: ``prepare_run`` writes the run directory and the launch
 command (plain python for 1 GPU, ``accelerate launch`` with configs/accelerate/ddp.yaml for more),
@@ -45,10 +45,9 @@ def hf_tekken(out: Path, golden: list[str]):
     """Mistral's Tekken as a Hugging Face tokenizer (the GPU machine has no mistral-common), checked
     to give exactly mistral-common's ids on ``golden``."""
     import mistral_common
+    from transformers import AutoTokenizer
     from transformers.integrations.mistral import convert_tekken_tokenizer
     from transformers.tokenization_mistral_common import MistralCommonBackend
-
-    from transformers import AutoTokenizer
 
     path = Path(mistral_common.__file__).parent / "data" / TEKKEN
     hf = convert_tekken_tokenizer(str(path), chat_template="")
@@ -69,9 +68,9 @@ def hf_tekken(out: Path, golden: list[str]):
 def prepare(out: Path, demo_root: Path) -> None:
     import pyarrow.parquet as pq
 
-    from tasks.manifest import require_manifest
+    from tasks.core.manifest import require_manifest
     from tasks.mix import run_mix
-    from tasks.tokenize import run_tokenize
+    from tasks.tokenize.stage import run_tokenize
 
     require_manifest(demo_root / "split", "split")
     texts = [t for f in sorted((demo_root / "split" / "train").glob("*.parquet"))
@@ -92,7 +91,7 @@ def prepare(out: Path, demo_root: Path) -> None:
 
 def _config(data_root: Path, model: Path, world: int, micro: int, steps: int, run_name: str = "bench",
             liger: str = "auto", extra: dict | None = None):
-    from tasks.config import load_config
+    from tasks.core.config import load_config
 
     over = [f"data_root={data_root}", f"run_name={run_name}", f"model.name={model}", "model.tokenizer=null",
             "tokenize.seq_len=2048", "tokenize.rows_per_shard=1024", "tokenize.workers=1",
@@ -108,7 +107,7 @@ def _config(data_root: Path, model: Path, world: int, micro: int, steps: int, ru
 
 # -------------------------------------------------------------------------------------- run
 def _records(run_dir: Path) -> list[dict]:
-    from tasks.textio import read_jsonl
+    from tasks.core.textio import read_jsonl
 
     return read_jsonl(run_dir / "metrics.jsonl")
 
@@ -162,8 +161,10 @@ def run(data: Path, arch: str, gpus: list[int], micro: int, steps: int, warmup: 
         ckpt_root: Path, resume_at: list[int], tiny: bool = False, extra: dict | None = None) -> None:
     import torch
 
-    from tasks.bench_train import make_config, write_random_checkpoint
-    from tasks.train import EXIT_PREEMPTED, latest_checkpoint, prepare_run
+    from benchmarks.bench_train import make_config, write_random_checkpoint
+    from tasks.train.checkpoint import latest_checkpoint
+    from tasks.train.stage import prepare_run
+    from tasks.train.supervisor import EXIT_PREEMPTED
 
     n_gpu = torch.cuda.device_count()
     if max(gpus) > max(n_gpu, 1) or (n_gpu == 0 and max(gpus) > 1):

@@ -14,127 +14,30 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import (
+    Field,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 
-REPO_ROOT = Path(__file__).resolve().parent.parent
-
-CATEGORIES = (
-    "recipes",
-    "product_compositions",
-    "articles",
-    "code",
-    "product_descriptions",
-    "chemical_additives",
+from scrapers.schema import (  # noqa: F401
+    CATEGORIES,
+    REPO_ROOT,
+    ConfigError,
+    DemoSiteConfig,
+    Permission,
+    ScrapeConfig,
+    Section,
+    SourceConfig,
+    SourcesFile,
+    _format_errors,
+    load_sources,
+    resolve_path,
 )
 
 
-class ConfigError(ValueError):
-    """A config file or override is wrong; the message names the file and the key."""
-
-
-class Section(BaseModel):
-    model_config = ConfigDict(extra="forbid", validate_assignment=True)
-
-
-# ----------------------------------------------------------------------------------- sources
-class Permission(Section):
-    evidence_url: str = Field(description="Terms or licence page that permits this use.")
-    license: str = Field(description="Licence of the content, e.g. CC-BY-4.0.")
-    note: str = Field(default="", description="Who granted what, and when; free text for audits.")
-
-
-class SourceConfig(Section):
-    id: str = Field(description="Stable source id, recorded on every document.")
-    category: str = Field(description="One of the six categories.")
-    kind: Literal["web", "dataset"] = Field(
-        default="web", description="web = crawl start_urls/sitemaps; dataset = import a local file or saved dataset."
-    )
-    start_urls: list[str] = Field(default_factory=list)
-    sitemaps: list[str] = Field(default_factory=list)
-    include: list[str] = Field(
-        default_factory=list,
-        description="URL path prefixes this source may follow; empty = the start URLs' directories.",
-    )
-    max_pages: int = Field(default=10_000, ge=1, description="Pages (web) or rows (dataset) taken at most.")
-    # -- kind: dataset ---------------------------------------------------------------------
-    path: str | None = Field(
-        default=None,
-        description="dataset: a file (.jsonl/.json/.csv/.tsv/.parquet, .gz allowed for text formats), a folder of "
-        "such files, or a `datasets` dataset saved with save_to_disk. Relative paths are from the repo.",
-    )
-    format: Literal["auto", "jsonl", "csv", "tsv", "parquet", "hf_disk"] = Field(
-        default="auto", description="dataset: file format; auto = from the suffix (a folder with "
-        "dataset_info.json or dataset_dict.json is hf_disk)."
-    )
-    split: str | None = Field(default=None, description="dataset: split of a saved DatasetDict (e.g. train).")
-    text_field: str = Field(default="text", description="dataset: column holding the document text.")
-    text_format: Literal["text", "html"] = Field(
-        default="text", description="dataset: html = the text column is HTML, parsed by the category parser."
-    )
-    title_field: str | None = Field(default=None, description="dataset: column holding the title.")
-    id_field: str | None = Field(
-        default=None, description="dataset: column with a stable record id (default: the row number)."
-    )
-    url_field: str | None = Field(default=None, description="dataset: column with the record's original URL.")
-    field_map: dict[str, str] = Field(
-        default_factory=dict,
-        description="dataset: structured fields to keep, {field name in extracted/: column in the dataset}.",
-    )
-    encoding: str = Field(default="utf-8", description="dataset: text encoding of JSONL/CSV files.")
-    permission: Permission | None = Field(
-        default=None, description="Evidence of permission; a source without it is refused."
-    )
-
-    @field_validator("category")
-    @classmethod
-    def _known_category(cls, v: str) -> str:
-        if v not in CATEGORIES:
-            raise ValueError(f"unknown category {v!r}; expected one of {', '.join(CATEGORIES)}")
-        return v
-
-
-class SourcesFile(Section):
-    sources: list[SourceConfig]
-
-
 # ------------------------------------------------------------------------------------ stages
-class DemoSiteConfig(Section):
-    enabled: bool = Field(default=False, description="Serve data/demo_site on loopback for the run.")
-    root: str = "data/demo_site"
-    host: str = "127.0.0.1"
-    port: int = Field(default=8765, ge=0, le=65535, description="0 picks a free port.")
-
-
-class ScrapeConfig(Section):
-    sources: str = Field(description="YAML file listing the allow-listed sources.")
-    user_agent: str = "data-to-adapter/0.1 (+mailto:data-team@example.org)"
-    min_delay_s: float = Field(default=1.0, ge=0, description="Per-host minimum delay between requests.")
-    timeout_s: float = Field(default=20.0, gt=0)
-    max_bytes: int = Field(default=5_000_000, gt=0, description="Bodies larger than this are refused.")
-    max_retries: int = Field(default=3, ge=0)
-    allow_private_addresses: list[str] = Field(
-        default_factory=list,
-        description="Addresses that may be contacted although private/loopback (demo and tests only).",
-    )
-    respect_noindex: bool = True
-    max_parallel_hosts: int = Field(default=16, ge=1, description="Hosts crawled at once (each one at a time).")
-    max_crawl_delay_s: float = Field(
-        default=300.0, gt=0,
-        description="A host whose robots.txt Crawl-delay/Request-rate asks for a longer pause is skipped "
-        "(refused_robots), never crawled faster than it asked.",
-    )
-    robots_ttl_s: float = Field(default=86_400.0, gt=0, description="robots.txt is re-fetched after this long.")
-    follow_robots_sitemaps: bool = Field(default=True, description="Also read the sitemaps robots.txt lists.")
-
-    @field_validator("user_agent")
-    @classmethod
-    def _contact(cls, v: str) -> str:
-        if not re.search(r"(https?://\S+|mailto:\S+|[\w.+-]+@[\w-]+\.[\w.-]+)", v):
-            raise ValueError("user_agent must identify the crawler and give a contact (an http(s) URL or e-mail), "
-                             "e.g. 'mybot/1.0 (+mailto:data@example.org)'")
-        return v
-
-
 class ExtractConfig(Section):
     min_text_chars: int = Field(default=1, ge=0, description="Pages with less extracted text are rejected.")
     workers: int | None = Field(
@@ -334,8 +237,8 @@ class TrainConfig(Section):
         "zeros; used by rescrape-and-retrain with schedule.continue_from_previous.")
     liger_kernel: bool | Literal["auto"] = Field(
         default="auto", description="Fused RoPE/RMSNorm/SwiGLU/linear-cross-entropy kernels (liger-kernel, CUDA only): "
-        "+13 % tokens/s and -18 GiB on Mistral-Small-24B (tasks/BENCH_NOTES.md). auto = on with CUDA when installed.")
-    # -- the fast path (tasks/fastpath.py; measured in tasks/BENCH_NOTES.md)
+        "+13 % tokens/s and -18 GiB on Mistral-Small-24B (benchmarks/BENCH_NOTES.md). auto = on with CUDA when installed.")
+    # -- the fast path (tasks/train/fastpath.py; measured in benchmarks/BENCH_NOTES.md)
     attention: Literal["auto", "varlen", "sdpa"] = Field(
         default="auto", description="Attention over packed rows. varlen: a variable-length flash kernel "
         "(torch.nn.attention.varlen) over document boundaries read from the position ids, no mask; sdpa: "
@@ -346,7 +249,7 @@ class TrainConfig(Section):
         "once (shared by q/k/v) instead of float32 and dropped copies per projection, and dequantizes the frozen "
         "weight again in the backward. Same adapter layout; off under FSDP.")
     triton_kernels: bool | Literal["auto"] = Field(
-        default="auto", description="Triton kernels in the fast path (tasks/kernels.py): one-pass NF4 dequantization "
+        default="auto", description="Triton kernels in the fast path (tasks/train/kernels.py): one-pass NF4 dequantization "
         "for every frozen 4-bit linear (bit-equal to bitsandbytes') and LoRA dropout drawn and applied in one pass. "
         "auto = on with CUDA when Triton is installed.")
     recompute_layers: int | None = Field(
@@ -394,7 +297,7 @@ class TrackingConfig(Section):
 
 
 class ScheduleConfig(Section):
-    """Scheduled re-scrape-and-retrain (flows/rescrape.py) and the promotion gate (tasks/promote.py)."""
+    """Scheduled re-scrape-and-retrain (flows/rescrape.py) and the promotion gate (tasks/adapter/promote.py)."""
 
     cron: str | None = Field(default="0 3 * * 1", description="Cron of rescrape-and-retrain, read in `timezone`; "
                              "None registers the deployment without a schedule.")
@@ -438,26 +341,7 @@ class PipelineConfig(Section):
         return getattr(self, name).model_dump(mode="json")
 
 
-def resolve_path(p: str | os.PathLike[str]) -> Path:
-    """Relative paths in configs are relative to the repository root, not the current directory."""
-    path = Path(os.path.expandvars(str(p))).expanduser()
-    return path if path.is_absolute() else (REPO_ROOT / path)
-
-
 # ------------------------------------------------------------------------------- loading
-def _format_errors(err: ValidationError, where: str) -> str:
-    lines = [f"{where}: {err.error_count()} problem(s)"]
-    for e in err.errors():
-        key = ".".join(str(p) for p in e["loc"]) or "(top level)"
-        if e["type"] == "extra_forbidden":
-            lines.append(f"  {key}: unknown key")
-        elif e["type"] == "missing" or isinstance(e.get("input"), dict):
-            lines.append(f"  {key}: {e['msg']}")
-        else:
-            lines.append(f"  {key}: {e['msg']} (got {e['input']!r})")
-    return "\n".join(lines)
-
-
 def apply_overrides(data: dict[str, Any], overrides: list[str] | tuple[str, ...]) -> dict[str, Any]:
     """Apply ``section.key=value`` overrides; values are parsed as YAML (so 3, 1e-4, true, [a,b])."""
     for item in overrides:
@@ -490,18 +374,6 @@ def load_config(path: str | os.PathLike[str], overrides: list[str] | tuple[str, 
     data = apply_overrides(data, overrides)
     try:
         return PipelineConfig.model_validate(data)
-    except ValidationError as e:
-        raise ConfigError(_format_errors(e, str(path))) from None
-
-
-def load_sources(path: str | os.PathLike[str]) -> list[SourceConfig]:
-    path = resolve_path(path)
-    if not path.is_file():
-        raise ConfigError(f"sources file not found: {path}")
-    # ${VAR} in URLs is expanded from the environment (the demo site's origin is only known at run time)
-    data = yaml.safe_load(os.path.expandvars(path.read_text(encoding="utf-8"))) or {}
-    try:
-        return SourcesFile.model_validate(data).sources
     except ValidationError as e:
         raise ConfigError(_format_errors(e, str(path))) from None
 

@@ -19,7 +19,7 @@ from typing import Any
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from tasks.config import CATEGORIES
+from tasks.core.config import CATEGORIES
 
 BATCH_ROWS = 1024  # rows per record batch, at most
 BATCH_BYTES = 16 << 20  # uncompressed bytes per record batch, about (fewer rows when documents are long)

@@ -16,8 +16,8 @@ import shutil
 from pathlib import Path
 from typing import Any
 
-from tasks.config import ModelConfig, QuantizationConfig, resolve_path
-from tasks.manifest import fingerprint, sha256_bytes, write_json_atomic
+from tasks.core.config import ModelConfig, QuantizationConfig, resolve_path
+from tasks.core.manifest import fingerprint, sha256_bytes, write_json_atomic
 
 log = logging.getLogger(__name__)
 
@@ -166,7 +166,7 @@ def check_quantization(recorded: dict[str, Any], requested: QuantizationConfig, 
 
 def load_base(base: str, cfg: ModelConfig, device_map: Any = None, attn_implementation: str | None = None):
     """Load the base model with the configured quantization (4-bit NF4 by default). attn_implementation:
-    None = transformers' default (SDPA); "d2a_varlen" = tasks/fastpath.py's varlen attention."""
+    None = transformers' default (SDPA); "d2a_varlen" = tasks/train/fastpath.py's varlen attention."""
     import torch
     from transformers import AutoModelForCausalLM
 

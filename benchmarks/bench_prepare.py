@@ -1,7 +1,7 @@
 """Benchmark: read -> clean+dedup -> split -> mix -> tokenize -> pack -> write, with Mistral's Tekken tokenizer.
 
-    python -m tasks.bench_prepare                       # 1x and 10x, 1 worker, plus the datasets.map baseline
-    python -m tasks.bench_prepare --docs 4000 --scales 1 10 --workers 4
+    python -m benchmarks.bench_prepare                       # 1x and 10x, 1 worker, plus the datasets.map baseline
+    python -m benchmarks.bench_prepare --docs 4000 --scales 1 10 --workers 4
 
 The corpus is synthetic but realistic: documents are assembled from the demo website's extracted
 sentences (or built-in food text when the demo has not been run), each a different random
@@ -59,8 +59,8 @@ def make_corpus(root: Path, n_docs: int, seed: int = 0) -> None:
     category at once (one huge row group would make readers hold a whole file)."""
     import pyarrow as pa
 
+    from tasks.core.textio import CategoryWriters
     from tasks.extract import DOC_SCHEMA, READ_BATCH
-    from tasks.textio import CategoryWriters
 
     rng = random.Random(seed)
     pool = _sentences()
@@ -86,7 +86,7 @@ def make_corpus(root: Path, n_docs: int, seed: int = 0) -> None:
 
 
 def _config(root: Path, workers: int):
-    from tasks.config import config_from_dict
+    from tasks.core.config import config_from_dict
 
     return config_from_dict({
         "data_root": str(root), "seed": 1234, "scrape": {"sources": "configs/sources/demo.yaml"},
@@ -101,11 +101,11 @@ def _config(root: Path, workers: int):
 
 def child_pipeline(root: Path, workers: int) -> dict:
     """One scenario: every prepare stage on ``root``; returns per-stage seconds and token counts."""
-    from tasks.clean import run_clean
+    from tasks.clean.stage import run_clean
+    from tasks.core.model import load_tokenizer
     from tasks.mix import run_mix
-    from tasks.model import load_tokenizer
     from tasks.split import run_split
-    from tasks.tokenize import run_tokenize
+    from tasks.tokenize.stage import run_tokenize
 
     cfg = _config(root, workers)
     tok = load_tokenizer(cfg.model.name, cfg.model)
@@ -143,7 +143,7 @@ def child_baseline(root: Path, workers: int) -> dict:
     """datasets.map + tokenizer over the cleaned text (same tokenizer, same machine)."""
     import datasets
 
-    from tasks.model import load_tokenizer
+    from tasks.core.model import load_tokenizer
 
     cfg = _config(root, workers)
     tok = load_tokenizer(cfg.model.name, cfg.model)
@@ -175,7 +175,7 @@ def _run_child(kind: str, root: Path, workers: int) -> dict:
     peak_anon = 0
     import psutil
 
-    cmd = [sys.executable, "-m", "tasks.bench_prepare", "--child", kind, "--root", str(root), "--workers", str(workers)]
+    cmd = [sys.executable, "-m", "benchmarks.bench_prepare", "--child", kind, "--root", str(root), "--workers", str(workers)]
     env = {**os.environ, "PYTHONPATH": str(REPO), "TOKENIZERS_PARALLELISM": "false", "RAYON_NUM_THREADS": "1"}
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, text=True, env=env, cwd=REPO)
     ps, peak = psutil.Process(proc.pid), 0

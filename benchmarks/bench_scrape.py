@@ -1,6 +1,6 @@
 """Benchmark: fetch + extract throughput against many local hosts with no delay.
 
-    python -m scrapers.bench --hosts 8 --pages-per-host 150
+    python -m benchmarks.bench_scrape --hosts 8 --pages-per-host 150
 
 Builds a synthetic site from the demo site's content pages (each host serves its own copy, as
 many pages as asked, spread over the six categories), serves every host from a separate process
@@ -24,7 +24,7 @@ from typing import Any
 import pyarrow.parquet as pq
 import yaml
 
-from tasks.config import REPO_ROOT, PipelineConfig
+from tasks.core.config import REPO_ROOT, PipelineConfig
 
 CATEGORY_DIRS = {"recipes": "recipes", "products": "product_compositions", "articles": "articles", "code": "code",
                  "shop": "product_descriptions", "additives": "chemical_additives"}

@@ -1,6 +1,6 @@
 """The fast QLoRA training path (issue 6), switched by the ``train`` section of the config.
 
-Five independent pieces, each correct on its own and each measured in tasks/BENCH_NOTES.md:
+Five independent pieces, each correct on its own and each measured in benchmarks/BENCH_NOTES.md:
 
 - **varlen attention** (``train.attention``): packed rows go to a variable-length flash kernel
   (``torch.nn.attention.varlen.varlen_attn``) with ``cu_seqlens`` built from the position ids, so
@@ -11,7 +11,7 @@ Five independent pieces, each correct on its own and each measured in tasks/BENC
   the layer input (one storage shared by q, k and v, which read the same tensor), the small
   x·Aᵀ and the seed of the dropout mask, never a dequantized weight or a float32/dropped copy of x;
   the backward dequantizes W again. PEFT's module tree is untouched (adapters save and load as before).
-- **Triton kernels** (``train.triton_kernels``, tasks/kernels.py): every frozen 4-bit linear (the LoRA
+- **Triton kernels** (``train.triton_kernels``, tasks/train/kernels.py): every frozen 4-bit linear (the LoRA
   ones and o/gate/up/down) dequantizes its weight in one kernel, bit-equal to bitsandbytes', in forward
   and backward; the LoRA dropout mask is drawn and applied in one pass from (seed, element index).
 - **selective recomputation** (``train.recompute_layers``): checkpoint only the first N decoder layers.
@@ -31,7 +31,7 @@ from typing import Any
 
 import torch
 
-from tasks import kernels
+from tasks.train import kernels
 
 log = logging.getLogger(__name__)
 
@@ -264,7 +264,10 @@ def register_attention() -> str:
 
     AttentionInterface.register(VARLEN_ATTN, varlen_attention_forward)
     try:  # padding masks pass through as 2D (as for flash attention); without it they would be dropped
-        from transformers.masking_utils import AttentionMaskInterface, flash_attention_mask
+        from transformers.masking_utils import (
+            AttentionMaskInterface,
+            flash_attention_mask,
+        )
 
         AttentionMaskInterface.register(VARLEN_ATTN, flash_attention_mask)
     except ImportError:

@@ -1,0 +1,1 @@
+"""What you do with a trained adapter: generate, export (merge), promote, report."""

@@ -1,0 +1,4 @@
+from tasks.clean.stage import main
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,1 @@
+"""Shared infrastructure of the stages: config, manifests, text I/O, model loading, the Prefect shim."""

@@ -1,0 +1,4 @@
+from tasks.tokenize.stage import main
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,37 @@
+"""QLoRA training: one readable loop, launched as a supervised subprocess.
+
+``run_train`` is the stage: it prepares ``runs/<run_id>/`` (resolved config, inputs), launches the
+worker (plain python for one process; ``accelerate launch`` or ``torchrun`` for several, on one or
+many nodes), streams its output into the log, and returns the run's manifest. The run directory is
+the whole contract between the two, so a killed or preempted worker is resumed by launching it again.
+
+``train_worker`` is the loop: NF4 base + LoRA (PEFT), PagedAdamW8bit, warmup + cosine, gradient
+accumulation, gradient checkpointing, periodic eval on a bounded held-out sample, atomic
+checkpoints with the data position (O(1) resume), a divergence guard (non-finite or spiking steps
+are skipped on every rank; too many roll back to the last good checkpoint or stop), metrics to
+metrics.jsonl / TensorBoard / wandb.
+
+Worker exit statuses (what the supervisor does with them):
+  0   done; the adapter and manifest.json are written
+  75  EXIT_PREEMPTED: SIGTERM/SIGINT (or the supervisor vanished); saved at a step boundary. Launch
+      again to resume (the Prefect task retries it)
+  76  EXIT_ROLLBACK: diverged; ``rollback.json`` names the checkpoint to reload. run_train relaunches
+      at once: the resume path reloads it, with the data position moved past the bad batches
+  77  EXIT_DIVERGED: diverged and told to stop (or out of rollbacks); ``diverged.json`` says why
+
+Test/debug hooks (environment variables read by the worker; never set them in production):
+  D2A_INJECT_NAN_STEPS="3,5"   add NaN to the loss of the micro-batches that an uninterrupted run
+                               trains on at these steps (keyed by data position, so a resumed or
+                               rolled-back run meets them at the same data, never twice)
+  D2A_INJECT_SPIKE_STEPS="6"   multiply those batches' loss by 1000 (a loss spike)
+  D2A_INJECT_RANK="1"          inject on this rank only (default: every rank)
+  D2A_STEP_SLEEP_S="0.2"       sleep after every step (gives signal tests a window)
+  D2A_CKPT_PAUSE_STEP="4"      while writing checkpoint step-4, pause D2A_CKPT_PAUSE_S seconds
+                               (default 30) after the adapter is in the .partial directory
+"""
+
+# The stage's public face; nothing here imports torch (the flow process and CPU workers load it).
+from tasks.train.plan import plan_steps
+from tasks.train.stage import prepare_run, run_dir_for, run_train, train, train_stage
+
+__all__ = ["plan_steps", "prepare_run", "run_dir_for", "run_train", "train", "train_stage"]
