@@ -320,7 +320,8 @@ class Crawler:
             user_agent=cfg.user_agent, min_delay_s=cfg.min_delay_s, timeout_s=cfg.timeout_s,
             max_bytes=cfg.max_bytes, max_retries=cfg.max_retries,
             allow_private_addresses=cfg.allow_private_addresses, respect_noindex=cfg.respect_noindex,
-            max_crawl_delay_s=cfg.max_crawl_delay_s, robots_ttl_s=cfg.robots_ttl_s), allow, fetch_log)
+            max_crawl_delay_s=cfg.max_crawl_delay_s, robots_ttl_s=cfg.robots_ttl_s,
+            request_deadline_s=cfg.request_deadline_s, dns_timeout_s=cfg.dns_timeout_s), allow, fetch_log)
         self.fetch_log = fetch_log
         self.max_hosts_parallel = max_hosts_parallel
         self._counts_lock = threading.Lock()

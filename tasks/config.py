@@ -109,7 +109,13 @@ class ScrapeConfig(Section):
     sources: str = Field(description="YAML file listing the allow-listed sources.")
     user_agent: str = "data-to-adapter/0.1 (+mailto:data-team@example.org)"
     min_delay_s: float = Field(default=1.0, ge=0, description="Per-host minimum delay between requests.")
-    timeout_s: float = Field(default=20.0, gt=0)
+    timeout_s: float = Field(default=20.0, gt=0, description="Per socket operation: connect, and each read.")
+    request_deadline_s: float = Field(
+        default=60.0, gt=0,
+        description="Total time one request may take, DNS + connect + headers + body; a server that trickles "
+        "bytes is cut off here (fetch log: error, reason 'deadline').",
+    )
+    dns_timeout_s: float = Field(default=5.0, gt=0, description="A host name lookup taking longer is an error.")
     max_bytes: int = Field(default=5_000_000, gt=0, description="Bodies larger than this are refused.")
     max_retries: int = Field(default=3, ge=0)
     allow_private_addresses: list[str] = Field(
