@@ -36,7 +36,7 @@ import lxml.html
 from scrapers.common import decode_body, normalize_url, origin, path_query
 from scrapers.urls import canonical_url, path_readings
 from scrapers.fetcher import (SITEMAP_TYPES, Decision, FetcherSettings, FetchLog, HostAllowList,
-                              PoliteFetcher, _links, _robots_directives)
+                              PoliteFetcher, _links, _robots_directives, redact)
 from tasks.config import ScrapeConfig, SourceConfig
 from tasks.manifest import sha256_bytes
 
@@ -69,8 +69,11 @@ def check_sources(sources: list[SourceConfig]) -> tuple[list[SourceConfig], list
             reason = f"source {s.id!r} refused: no start_urls or sitemaps"
         else:
             bad = [u for u in s.start_urls + s.sitemaps if urlsplit(u).scheme not in ("http", "https")]
+            creds = [redact(u) for u in s.start_urls + s.sitemaps if redact(u) != u]
             if bad:
-                reason = f"source {s.id!r} refused: not http(s) URL(s) {bad}"
+                reason = f"source {s.id!r} refused: not http(s) URL(s) {[redact(u) for u in bad]}"
+            elif creds:
+                reason = f"source {s.id!r} refused: credentials in URL(s) {creds} (they would be sent and logged)"
         if reason:
             log.error(reason)
             refused.append({"id": s.id, "reason": reason})

@@ -1,20 +1,26 @@
 """The polite fetcher: every rule a site owner would expect, checked before a byte is sent.
 
 Order of checks for one URL (each refusal is a logged decision, never an exception):
-  scheme http/https -> host on the allow-list -> resolved addresses are public (or explicitly
-  allowed) -> robots.txt (RFC 9309, protego) -> TDMRep reservation (/.well-known/tdmrep.json) ->
-  per-host delay slot (one request at a time per host) -> GET without automatic redirects, each
-  hop re-checked -> status handling (304, 429/503 + Retry-After, 5xx retries) -> opt-out headers,
-  content type, size (streamed, aborted past the limit) -> page-level opt-outs in the HTML.
+  one canonical form (scrapers/urls.py: dot segments, percent-encoding, case) -> scheme http/https ->
+  host on the allow-list -> resolved addresses are public (or explicitly allowed; IPv6 forms that
+  embed a private IPv4 are refused too) -> robots.txt (RFC 9309, protego) -> TDMRep reservation
+  (/.well-known/tdmrep.json) -> per-host slot (one request at a time per host, the delay counted from
+  the end of the previous body) -> GET of exactly the checked target (asserted on the prepared
+  request), without automatic redirects, each Location normalized and re-checked -> status handling
+  (304, 429/503 + Retry-After, 5xx retries) -> opt-out headers, content type, size (Content-Encoding
+  undone by our own bounded decoder, aborted past the decoded limit) -> page-level opt-outs in the HTML.
 
 The socket layer re-checks the address it actually connects to, so a DNS answer that changes
 between the check and the connection (rebinding) cannot reach a private address either.
 
 Politeness is never traded for speed: a robots.txt Crawl-delay / Request-rate above
 ``max_crawl_delay_s`` skips the host (refused_robots) rather than crawling it faster than asked, and
-a Retry-After above ``max_retry_after_s`` leaves the whole host alone for that long. Bodies are
-read with a total deadline (3 x timeout_s) as well as the per-read timeout, so a slow-drip server
-cannot hold a worker. Sessions keep no cookies and send no credentials, to any host.
+a Retry-After above ``max_retry_after_s`` leaves the whole host alone for that long. A robots.txt
+that cannot be read (5xx, timeout, network) disallows the whole host for the run; the crawl keeps
+its earlier pages as stale. Every request has a total deadline (``request_deadline_s``: DNS,
+connect, headers and body) besides the per-read timeout, and DNS lookups their own
+(``dns_timeout_s``), so a slow-drip server cannot hold a worker. Sessions keep no cookies and send
+no credentials, to any host; URLs with credentials are refused and redacted in the log.
 """
 
 from __future__ import annotations
@@ -348,7 +354,10 @@ def _guarded_adapter(guard: AddressGuard) -> HTTPAdapter:
             raise NewConnectionError(self, f"DNS resolution failed for {self._dns_host}: {e}") from e
         err: OSError | None = None
         for ip in ips:
-            timeout = self.timeout if dl is None else min(self.timeout or dl.remaining(), max(dl.remaining(), 0.001))
+            timeout = self.timeout
+            if dl is not None:  # the connect may not outlive the request's deadline
+                left = max(dl.remaining(), 0.001)
+                timeout = min(timeout, left) if isinstance(timeout, (int, float)) else left
             try:
                 sock = u3connection.create_connection((ip, self.port), timeout,
                                                       source_address=self.source_address,
@@ -569,6 +578,8 @@ class BodyDecoder:
         return self.raw_bytes <= self.limit and self._push(0, data)
 
     def finish(self) -> bool:
+        if self.raw_bytes == 0:
+            return True  # an empty body (204, HEAD-like) labelled with an encoding
         for i, layer in enumerate(self._layers):
             if not all(self._push(i + 1, out) for out in layer.finish()):
                 return False
@@ -800,8 +811,10 @@ class PoliteFetcher:
                 headers["If-Modified-Since"] = last_modified
             op = self._request(first_url, current, headers)
             if op.status in (301, 302, 303, 307, 308):
-                loc = op.resp.headers.get("Location")
-                op.done()
+                try:
+                    loc = op.resp.headers.get("Location")
+                finally:
+                    op.done()
                 nxt = canonical_url(loc, current) if loc else None  # normalized, then checked like any URL
                 if not nxt:
                     return FetchResult(first_url, Decision.ERROR, f"HTTP {op.status} without a usable Location",
@@ -841,54 +854,66 @@ class PoliteFetcher:
                 raise _Abort(FetchResult(first_url, Decision.ERROR, off[2], off[1], final_url=url))
             op = _Open(ExitStack())
             op.stack.enter_context(self.throttle.slot(host, min(self.delay_for(org), self.s.max_crawl_delay_s)))
-            op.deadline = Deadline(self.s.request_deadline_s)
-            op.stack.callback(op.deadline.cancel)
-            err = None
             try:
-                _current.deadline = op.deadline
-                op.resp = self._session().send(prep, allow_redirects=False, stream=True,
-                                               timeout=(self.s.timeout_s, self.s.timeout_s))
-                op.stack.callback(op.resp.close)  # runs before the slot is released (LIFO)
-                op.status = op.resp.status_code
-            except requests.RequestException as e:
-                err = e
-            finally:
-                _current.deadline = None
-            if op.deadline.fired:
-                op.done()
-                raise _Abort(FetchResult(first_url, Decision.ERROR, op.deadline.reason, op.status, final_url=url))
-            resp, status = op.resp, op.status
-            wait = None
-            if err is None and status in (429, 503):
-                ra = _retry_after(resp.headers.get("Retry-After"))
-                if ra is not None and ra > self.s.max_retry_after_s:
-                    # the server wants a longer pause than this crawl waits: honor it by leaving the
-                    # whole host alone until then (its remaining URLs are errors; stored pages are kept)
-                    why = (f"HTTP {status}: Retry-After {ra:.0f}s exceeds the {self.s.max_retry_after_s:.0f}s "
-                           f"bound; host backed off")
-                    self._backed_off[host] = (time.monotonic() + ra, status, why)
-                    self.throttle.pause(host, ra)
-                    op.done()
-                    raise _Abort(FetchResult(first_url, Decision.ERROR, why, status, final_url=url))
-                wait = ra if ra is not None else self._backoff(org, attempt)
-            elif err is None and 500 <= status < 600:
-                wait = self._backoff(org, attempt)
-            elif err is not None:
-                if "address refused" in str(err):
-                    op.done()
-                    raise _Abort(FetchResult(first_url, Decision.REFUSED_ADDRESS, f"at connect: {err}",
-                                             final_url=url))
-                wait = self._backoff(org, attempt)
-            if wait is None:
-                return op
-            if attempt >= self.s.max_retries:
-                op.done()
-                what = f"HTTP {status}" if err is None else f"{type(err).__name__}: {err}"
-                raise _Abort(FetchResult(first_url, Decision.ERROR,
-                                         f"{what} after {attempt + 1} attempt(s)", status, final_url=url))
-            self.throttle.pause(host, wait)
-            op.done()
+                res = self._attempt(first_url, url, prep, op, org, host, attempt)
+            except BaseException:
+                op.done()  # never leave the host's slot held
+                raise
+            if res is not None:
+                return res
             attempt += 1
+
+    def _attempt(self, first_url: str, url: str, prep: requests.PreparedRequest, op: _Open, org: str, host: str,
+                 attempt: int) -> _Open | None:
+        """One try: the open response to use, None to try again (slot released), or _Abort."""
+        op.deadline = Deadline(self.s.request_deadline_s)
+        op.stack.callback(op.deadline.cancel)
+        err = None
+        try:
+            _current.deadline = op.deadline
+            op.resp = self._session().send(prep, allow_redirects=False, stream=True,
+                                           timeout=(self.s.timeout_s, self.s.timeout_s))
+            op.stack.callback(op.resp.close)  # runs before the slot is released (LIFO)
+            op.status = op.resp.status_code
+        except requests.RequestException as e:
+            err = e
+        finally:
+            _current.deadline = None
+        if op.deadline.fired:
+            op.done()
+            raise _Abort(FetchResult(first_url, Decision.ERROR, op.deadline.reason, op.status, final_url=url))
+        resp, status = op.resp, op.status
+        wait = None
+        if err is None and status in (429, 503):
+            ra = _retry_after(resp.headers.get("Retry-After"))
+            if ra is not None and ra > self.s.max_retry_after_s:
+                # the server wants a longer pause than this crawl waits: honor it by leaving the
+                # whole host alone until then (its remaining URLs are errors; stored pages are kept)
+                why = (f"HTTP {status}: Retry-After {ra:.0f}s exceeds the {self.s.max_retry_after_s:.0f}s "
+                       f"bound; host backed off")
+                self._backed_off[host] = (time.monotonic() + ra, status, why)
+                self.throttle.pause(host, ra)
+                op.done()
+                raise _Abort(FetchResult(first_url, Decision.ERROR, why, status, final_url=url))
+            wait = ra if ra is not None else self._backoff(org, attempt)
+        elif err is None and 500 <= status < 600:
+            wait = self._backoff(org, attempt)
+        elif err is not None:
+            if "address refused" in str(err):
+                op.done()
+                raise _Abort(FetchResult(first_url, Decision.REFUSED_ADDRESS, f"at connect: {err}",
+                                         final_url=url))
+            wait = self._backoff(org, attempt)
+        if wait is None:
+            return op
+        if attempt >= self.s.max_retries:
+            op.done()
+            what = f"HTTP {status}" if err is None else f"{type(err).__name__}: {err}"
+            raise _Abort(FetchResult(first_url, Decision.ERROR,
+                                     f"{what} after {attempt + 1} attempt(s)", status, final_url=url))
+        self.throttle.pause(host, wait)
+        op.done()
+        return None
 
     def _backoff(self, org: str, attempt: int) -> float:
         return min(max(self.delay_for(org), 0.5) * (2 ** attempt), self.s.max_retry_after_s)

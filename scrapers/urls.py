@@ -31,7 +31,7 @@ _SUB_DELIMS = "!$&'()*+,;="
 _PATH_OK = _UNRESERVED | frozenset(_SUB_DELIMS + ":@/")
 _QUERY_OK = _PATH_OK | frozenset("?")
 _HEX = frozenset(string.hexdigits)
-_ENCODED_SEPARATOR = re.compile(r"%(?:2F|5C)", re.I)
+_ENCODED_SEPARATOR = re.compile(r"%(?:2F|5C)", re.IGNORECASE)
 
 
 def _pct(s: str, allowed: frozenset[str]) -> str:

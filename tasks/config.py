@@ -507,7 +507,7 @@ def load_config(path: str | os.PathLike[str], overrides: list[str] | tuple[str, 
 
 _VAR_REF = re.compile(r"\$(?:\{([^}]*)\}?|([A-Za-z_][A-Za-z0-9_]*))")
 _SECRET_NAME = re.compile(r"TOKEN|SECRET|PASSW|PASSWD|API_?KEY|ACCESS_?KEY|PRIVATE|CREDENTIAL|AUTH|COOKIE|SESSION",
-                          re.I)
+                          re.IGNORECASE)
 
 
 def _expand_declared(node: Any, declared: dict[str, str | None], where: str) -> Any:

@@ -97,7 +97,9 @@ def test_the_request_sent_is_the_url_that_was_checked(tmp_path: Path) -> None:
 
 
 # ------------------------------------------------------------------ 2. robots.txt outages (RFC 9309)
-def test_robots_503_between_scrapes_fetches_nothing_and_keeps_the_host_pages_stale(tmp_path: Path) -> None:
+@pytest.mark.parametrize("outage", [503, "timeout"])
+def test_robots_503_between_scrapes_fetches_nothing_and_keeps_the_host_pages_stale(tmp_path: Path,
+                                                                                   outage: int | str) -> None:
     site_root = write_site(tmp_path / "site", {
         "robots.txt": "User-agent: *\nAllow: /\n",
         "index.html": page("Home", links=["/a.html", "/b.html"]), "a.html": page("A"), "b.html": page("B"),
@@ -105,17 +107,19 @@ def test_robots_503_between_scrapes_fetches_nothing_and_keeps_the_host_pages_sta
     robots = {"status": None}
 
     def hook(method: str, path: str, headers: dict[str, str]) -> Any:
-        if path == "/robots.txt" and robots["status"]:
+        if path == "/robots.txt" and robots["status"] == "timeout":
+            time.sleep(1.0)  # past request_deadline_s
+        elif path == "/robots.txt" and robots["status"]:
             return robots["status"], {"Content-Type": "text/plain"}, b"maintenance"
         return None
 
     with serve_site(site_root, hook=hook) as site:
         src = write_sources(tmp_path / "s.yaml", [{"id": "t", "category": "articles", "start_urls": [site.url + "/"],
                                                    "include": ["/"], "permission": PERMISSION}])
-        cfg = make_cfg(tmp_path / "data", src, max_retries=0)
+        cfg = make_cfg(tmp_path / "data", src, max_retries=0, request_deadline_s=0.5)
         first = run_scrape(cfg)
         assert first["counts"]["pages"] == 3
-        robots["status"] = 503
+        robots["status"] = outage
         site.requests.clear()
         down = run_scrape(cfg)
         assert site.requests.paths() == ["/robots.txt"]  # nothing else was requested from the host
@@ -125,7 +129,8 @@ def test_robots_503_between_scrapes_fetches_nothing_and_keeps_the_host_pages_sta
         assert "/a.html" in site.requests.paths()
     c = down["counts"]
     assert (c["pages"], c["gone"], c["stale_kept"], c["fetched"]) == (3, 0, 3, 0), c
-    assert c["robots_unreachable_hosts"] == [site.url] and "503" in down["robots_unreachable"][site.url]
+    assert c["robots_unreachable_hosts"] == [site.url]
+    assert ("503" if outage == 503 else "deadline") in down["robots_unreachable"][site.url]
     assert down["inputs"]["pages"] == first["inputs"]["pages"]  # same corpus: nothing downstream re-runs
     assert back["counts"]["robots_unreachable_hosts"] == [] and back["counts"]["gone"] == 0
 
@@ -264,7 +269,7 @@ def test_host_delay_counts_from_the_end_of_the_previous_body(tmp_path: Path) -> 
         src = write_sources(tmp_path / "s.yaml", [{"id": "t", "category": "articles", "start_urls": [site.url + "/"],
                                                    "include": ["/"], "permission": PERMISSION}])
         run_scrape(make_cfg(tmp_path / "data", src, min_delay_s=0.5))
-        arrivals = dict((p, t) for t, p in site.requests.timed())
+        arrivals = {p: t for t, p in site.requests.timed()}
     assert arrivals["/b.html"] - ends[0] >= 0.45, arrivals["/b.html"] - ends[0]
 
 
@@ -362,8 +367,8 @@ def test_sources_expand_only_declared_variables(tmp_path: Path, monkeypatch: pyt
     ok = load_sources(write("variables: [DEMO_SITE]\nsources:\n  - {id: a, category: recipes, "
                             "start_urls: ['${DEMO_SITE}/r/', '$DEMO_SITE/s/']}\n"))
     assert ok[0].start_urls == ["http://127.0.0.1:1/r/", "http://127.0.0.1:1/s/"]
-    for text, name in [("variables: [DEMO_SITE]\nsources:\n  - {id: a, category: recipes, "
-                        "start_urls: ['${DEMO_SITE}/r/?t=${HF_TOKEN}']}\n", "HF_TOKEN"),
+    for text, name in [(("variables: [DEMO_SITE]\nsources:\n  - {id: a, category: recipes, "
+                         "start_urls: ['${DEMO_SITE}/r/?t=${HF_TOKEN}']}\n"), "HF_TOKEN"),
                        ("sources:\n  - {id: a, category: recipes, start_urls: ['$DEMO_SITE/r/']}\n", "DEMO_SITE"),
                        ("sources:\n  - {id: a, category: recipes, kind: dataset, path: '$HOME/x.jsonl'}\n", "HOME")]:
         with pytest.raises(ConfigError) as e:
