@@ -4,6 +4,9 @@
    unchanged site costs 304s, and ``raw/manifest.json`` counts new / changed / unchanged / gone.
 2. Compare the corpus with the one the *current* adapter was trained on (tasks/adapter/promote.py). At or
    below ``schedule.change_threshold`` the flow stops here and says so: nothing is retrained.
+   The comparison fails closed (``fail_closed``): a category that only one side has (a source that
+   vanished or appeared, a scrape that lost a host) and the pages of a host whose robots.txt was
+   unreachable are logged and left out, never counted as gone and never a reason to retrain.
 3. Otherwise extract, prepare (every data stage skips what its fingerprint says is unchanged),
    train (from scratch, or from the current adapter's weights with ``schedule.continue_from_previous``),
    evaluate, and promote the new adapter only if no category's held-out loss is worse than the
@@ -13,7 +16,10 @@
 
 from __future__ import annotations
 
+import json
+import logging
 import time
+from dataclasses import replace
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -23,9 +29,97 @@ from pydantic import Field
 from flows import artifacts
 from flows.pipeline import ConfigPath, Overrides, evaluate_step, nocache, promote_step, scrape_step, train_step
 from flows.prepare import prepare
-from tasks.adapter.promote import retrain_decision
+from tasks.adapter.promote import RetrainDecision, corpus_drift, corpus_snapshot, retrain_decision
 from tasks.core.config import PipelineConfig, TrainConfig, config_from_dict, load_config
+from tasks.core.manifest import read_manifest
 from tasks.extract import extract
+
+log = logging.getLogger("flows.rescrape")
+
+
+def _source_categories(cfg: PipelineConfig) -> tuple[dict[str, str], dict[str, set[str]]]:
+    """source id -> category, and source id -> hosts, from the sources file and the published raw/."""
+    from urllib.parse import urlsplit
+
+    import pyarrow.parquet as pq
+
+    from tasks.core.config import load_sources
+
+    cats: dict[str, str] = {}
+    hosts: dict[str, set[str]] = {}
+    try:
+        for s in load_sources(cfg.scrape.sources):
+            cats[s.id] = s.category
+            hosts[s.id] = {urlsplit(u).netloc.lower() for u in s.start_urls + s.sitemaps}
+    except Exception as e:  # noqa: BLE001 - e.g. $DEMO_SITE unset outside a run: raw/ below still says it
+        log.info("sources file not read for the drift check (%s); using raw/", e)
+    for f in sorted((cfg.root / "raw").glob("*/pages.parquet")):
+        t = pq.read_table(f, columns=["source_id", "category", "url"])
+        for sid, cat, url in zip(*(t.column(c).to_pylist() for c in ("source_id", "category", "url"))):
+            cats.setdefault(sid, cat)
+            hosts.setdefault(sid, set()).add(urlsplit(url).netloc.lower())
+    db = cfg.root / "scrape_state" / "state.sqlite"  # remembers sources that are in neither of the above now
+    if db.is_file():
+        import sqlite3
+
+        con = sqlite3.connect(f"file:{db}?mode=ro", uri=True)
+        try:
+            for sid, cat in con.execute("SELECT DISTINCT source_id, category FROM url WHERE kind='page'"):
+                if sid and cat:
+                    cats.setdefault(sid, cat)
+        except sqlite3.Error as e:
+            log.info("crawl state not read for the drift check: %s", e)
+        finally:
+            con.close()
+    return cats, hosts
+
+
+def fail_closed(cfg: PipelineConfig, decision: RetrainDecision, force: bool = False) -> RetrainDecision:
+    """The retrain decision with one-sided categories and unreachable hosts left out of the drift.
+
+    A category present in only one of the two corpora says more about the scrape (a source that
+    failed, a host whose robots.txt was down) than about the web; counting all its pages as gone
+    (or new) would retrain on a broken scrape. Such categories and the earlier pages of hosts whose
+    robots.txt was unreachable are logged and excluded; the rest of the corpus decides.
+    """
+    if decision.current is None or decision.drift is None or force:
+        return decision
+    base_file = Path(decision.current["run_dir"]) / "corpus.json"
+    if not base_file.is_file():
+        return decision
+    old: dict[str, str] = json.loads(base_file.read_text())["pages"]
+    new = corpus_snapshot(cfg.root)
+    cats, hosts = _source_categories(cfg)
+
+    def category(key: str) -> str:
+        sid = key.split(":", 1)[0]
+        return cats.get(sid, f"(source {sid})")
+
+    old_cats, new_cats = {category(k) for k in old}, {category(k) for k in new}
+    notes = [f"category {c!r} is only in the {'baseline' if c in old_cats else 'new'} corpus "
+             f"({sum(category(k) == c for k in (old if c in old_cats else new))} pages): not counted "
+             "(fail closed; force_retrain to retrain anyway)" for c in sorted(old_cats ^ new_cats)]
+    raw = read_manifest(cfg.root / "raw") or {}
+    unreachable = {o.split("://", 1)[-1].lower() for o in raw.get("robots_unreachable") or {}}
+    down = {sid for sid, hs in hosts.items() if hs & unreachable}
+    if unreachable:
+        notes.append(f"robots.txt unreachable on {', '.join(sorted(unreachable))}: their pages kept as stale, "
+                     f"and any missing one of source(s) {', '.join(sorted(down)) or '-'} not counted as gone")
+    if not notes:
+        return decision
+    for n in notes:
+        log.warning("drift check: %s", n)
+    one_sided = old_cats ^ new_cats
+    old = {k: v for k, v in old.items() if category(k) not in one_sided
+           and not (k.split(":", 1)[0] in down and k not in new)}
+    new = {k: v for k, v in new.items() if category(k) not in one_sided}
+    drift = corpus_drift(old, new, decision.drift.baseline)
+    threshold = cfg.schedule.change_threshold
+    retrain = drift.fraction > threshold
+    verdict = (f"> threshold {threshold:.1%}: retraining" if retrain else
+               f"<= threshold {threshold:.1%}: kept adapter {decision.current['run_id']}, nothing retrained")
+    return replace(decision, retrain=retrain, drift=drift,
+                   reason=f"{drift.summary()} {verdict}; left out: {'; '.join(notes)}")
 
 
 def warm_start(cfg: PipelineConfig, d: dict[str, Any], current: dict[str, Any] | None, logger) -> str:
@@ -65,7 +159,7 @@ def rescrape_and_retrain(
     c = scraped["counts"]
     logger.info("re-scrape: %d pages; new %d, changed %d, unchanged %d, gone %d; %d fetched, %d not modified",
                 c["pages"], c["new"], c["changed"], c["unchanged"], c["gone"], c["fetched"], c["not_modified"])
-    decision = retrain_decision(cfg, force=force_retrain)
+    decision = fail_closed(cfg, retrain_decision(cfg, force=force_retrain), force=force_retrain)
     out: dict[str, Any] = {"data_root": str(cfg.root), "scrape": {k: c[k] for k in ("pages", "new", "changed",
                                                                                     "unchanged", "gone", "fetched",
                                                                                     "not_modified")},

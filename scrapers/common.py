@@ -5,33 +5,16 @@ from __future__ import annotations
 import codecs
 import hashlib
 import re
-from urllib.parse import urldefrag, urljoin, urlsplit, urlunsplit
+from urllib.parse import urlsplit
 
 from charset_normalizer import from_bytes
 
-_DEFAULT_PORTS = {"http": 80, "https": 443}
+from scrapers.urls import canonical_url
 
 
 def normalize_url(url: str, base: str | None = None) -> str | None:
-    """Absolute, fragment-free URL with lower-case scheme/host and no default port; None if unusable."""
-    try:
-        url = urljoin(base, url.strip()) if base else url.strip()
-        url, _ = urldefrag(url)
-        parts = urlsplit(url)
-    except ValueError:
-        return None
-    scheme = parts.scheme.lower()
-    if not parts.hostname:
-        return None
-    host = parts.hostname.lower()
-    if ":" in host:  # IPv6 literal
-        host = f"[{host}]"
-    try:
-        port = parts.port
-    except ValueError:
-        return None
-    netloc = host if port is None or _DEFAULT_PORTS.get(scheme) == port else f"{host}:{port}"
-    return urlunsplit((scheme, netloc, parts.path or "/", parts.query, ""))
+    """The one URL form that is checked and requested (scrapers/urls.py); None if unusable."""
+    return canonical_url(url, base)
 
 
 def origin(url: str) -> str:

@@ -43,9 +43,11 @@ from scrapers.fetcher import (
     PoliteFetcher,
     _links,
     _robots_directives,
+    redact,
 )
 from scrapers.hashing import fingerprint, sha256_bytes
 from scrapers.schema import ScrapeConfig, SourceConfig
+from scrapers.urls import canonical_url, path_readings
 
 log = logging.getLogger("scrapers.crawl")
 
@@ -76,8 +78,11 @@ def check_sources(sources: list[SourceConfig]) -> tuple[list[SourceConfig], list
             reason = f"source {s.id!r} refused: no start_urls or sitemaps"
         else:
             bad = [u for u in s.start_urls + s.sitemaps if urlsplit(u).scheme not in ("http", "https")]
+            creds = [redact(u) for u in s.start_urls + s.sitemaps if redact(u) != u]
             if bad:
-                reason = f"source {s.id!r} refused: not http(s) URL(s) {bad}"
+                reason = f"source {s.id!r} refused: not http(s) URL(s) {[redact(u) for u in bad]}"
+            elif creds:
+                reason = f"source {s.id!r} refused: credentials in URL(s) {creds} (they would be sent and logged)"
         if reason:
             log.error(reason)
             refused.append({"id": s.id, "reason": reason})
@@ -103,7 +108,8 @@ class Router:
     def __init__(self, sources: list[SourceConfig]) -> None:
         self._by_host: dict[str, list[tuple[str, SourceConfig]]] = {}
         for s in sources:
-            prefixes = list(s.include) or sorted({urlsplit(u).path.rsplit("/", 1)[0] + "/" for u in s.start_urls})
+            prefixes = [_canonical_prefix(p) for p in s.include] or sorted(
+                {urlsplit(normalize_url(u) or u).path.rsplit("/", 1)[0] + "/" for u in s.start_urls})
             hosts = {urlsplit(normalize_url(u) or u).netloc for u in s.start_urls + s.sitemaps}
             for h in hosts:
                 self._by_host.setdefault(h, []).extend((p, s) for p in prefixes)
@@ -115,11 +121,22 @@ class Router:
         return rules[-1][1] if rules else None
 
     def route(self, url: str) -> SourceConfig | None:
+        """The source for ``url`` (canonical, scrapers/urls.py), if every reading of its path is in that scope."""
         p = urlsplit(url)
+        readings = path_readings(url)
         for prefix, src in self._by_host.get(p.netloc, ()):
-            if (p.path or "/").startswith(prefix):
-                return src
+            if readings[0].startswith(prefix):
+                return src if all(r.startswith(prefix) for r in readings[1:]) else None
         return None
+
+
+def _canonical_prefix(prefix: str) -> str:
+    """An ``include`` prefix in the URL form paths are compared in (percent-encoding, dot segments)."""
+    if not prefix.startswith("/"):
+        return prefix
+    canon = urlsplit(canonical_url("http://h" + prefix) or "").path or prefix
+    # "/recipes/" must stay a directory prefix; canonical_url keeps the trailing slash
+    return canon
 
 
 class BlobStore:
@@ -285,6 +302,17 @@ class CrawlState:
             n += 1
         return h.hexdigest(), n
 
+    def keep_stale(self, gen: int, prev: int, host: str, reason: str) -> int:
+        """Republish, marked stale, the pages of ``host`` published last time and not visited now (RFC 9309:
+        its robots.txt was unreachable, so nothing was fetched; its pages are stale, not gone)."""
+        if not prev:
+            return 0
+        with self._lock:
+            return self._db.execute(
+                "UPDATE url SET visited_gen=?, publish=1, change='stale_kept', decision='refused_robots', reason=? "
+                "WHERE host=? AND kind='page' AND published_gen=? AND sha256 IS NOT NULL "
+                "AND NOT (visited_gen=? AND publish=1)", (gen, reason, host, prev, gen)).rowcount
+
     def mark_published(self, gen: int) -> None:
         self._q("UPDATE url SET published_gen=? WHERE visited_gen=? AND publish=1 AND kind='page'", (gen, gen))
 
@@ -310,6 +338,7 @@ class CrawlSummary:
     out_of_scope_links: int = 0
     over_max_pages: int = 0
     stopped: bool = False
+    robots_unreachable: dict[str, str] = field(default_factory=dict)  # origin -> why (pages kept stale)
 
 
 class Crawler:
@@ -327,7 +356,8 @@ class Crawler:
             user_agent=cfg.user_agent, min_delay_s=cfg.min_delay_s, timeout_s=cfg.timeout_s,
             max_bytes=cfg.max_bytes, max_retries=cfg.max_retries,
             allow_private_addresses=cfg.allow_private_addresses, respect_noindex=cfg.respect_noindex,
-            max_crawl_delay_s=cfg.max_crawl_delay_s, robots_ttl_s=cfg.robots_ttl_s), allow, fetch_log)
+            max_crawl_delay_s=cfg.max_crawl_delay_s, robots_ttl_s=cfg.robots_ttl_s,
+            request_deadline_s=cfg.request_deadline_s, dns_timeout_s=cfg.dns_timeout_s), allow, fetch_log)
         self.fetch_log = fetch_log
         self.max_hosts_parallel = max_hosts_parallel
         self._counts_lock = threading.Lock()
@@ -371,11 +401,16 @@ class Crawler:
                     last_progress = time.monotonic()
         self.fetcher.close()
         stopped = stop.is_set()
+        unreachable = dict(self.fetcher.robots_unreachable)
         if not stopped:
+            for org, why in sorted(unreachable.items()):
+                kept = self.state.keep_stale(gen, prev, urlsplit(org).netloc, why)
+                log.warning("%s: %s; nothing fetched from it this run, %d earlier page(s) kept as stale", org, why,
+                            kept)
             self.state.finish(gen)
         self._progress(t0)
         return CrawlSummary(gen, resumed, prev, time.monotonic() - t0, dict(self.fetch_log.counts),
-                            self._out_of_scope, self._over_max, stopped)
+                            self._out_of_scope, self._over_max, stopped, unreachable)
 
     def _progress(self, t0: float) -> None:
         dt = max(time.monotonic() - t0, 1e-9)
@@ -475,9 +510,11 @@ class Crawler:
                        etag=res.etag or row["etag"], last_modified=res.last_modified or row["last_modified"])
             links = [] if row["nofollow"] else stored_links(self.state.blobs.get(row["sha256"]), row["content_type"],
                                                             row["final_url"] or url, self.fetcher.s.agent_token)
-        elif res.decision == Decision.ERROR and have_body and (res.status is None or res.status >= 500
-                                                                or res.status == 429):
-            # a transient failure must not lose what was scraped before: keep the old body, marked stale
+        elif have_body and ((res.decision == Decision.ERROR and (res.status is None or res.status >= 500
+                                                                 or res.status == 429))
+                            or (res.decision == Decision.REFUSED_ROBOTS and res.robots_unreachable)):
+            # a transient failure (or an unreachable robots.txt) must not lose what was scraped before: keep
+            # the old body, marked stale
             upd.update(change="stale_kept", publish=1)
             links = [] if row["nofollow"] else stored_links(self.state.blobs.get(row["sha256"]), row["content_type"],
                                                             row["final_url"] or url, self.fetcher.s.agent_token)

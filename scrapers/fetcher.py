@@ -1,24 +1,31 @@
 """The polite fetcher: every rule a site owner would expect, checked before a byte is sent.
 
 Order of checks for one URL (each refusal is a logged decision, never an exception):
-  scheme http/https -> host on the allow-list -> resolved addresses are public (or explicitly
-  allowed) -> robots.txt (RFC 9309, protego) -> TDMRep reservation (/.well-known/tdmrep.json) ->
-  per-host delay slot (one request at a time per host) -> GET without automatic redirects, each
-  hop re-checked -> status handling (304, 429/503 + Retry-After, 5xx retries) -> opt-out headers,
-  content type, size (streamed, aborted past the limit) -> page-level opt-outs in the HTML.
+  one canonical form (scrapers/urls.py: dot segments, percent-encoding, case) -> scheme http/https ->
+  host on the allow-list -> resolved addresses are public (or explicitly allowed; IPv6 forms that
+  embed a private IPv4 are refused too) -> robots.txt (RFC 9309, protego) -> TDMRep reservation
+  (/.well-known/tdmrep.json) -> per-host slot (one request at a time per host, the delay counted from
+  the end of the previous body) -> GET of exactly the checked target (asserted on the prepared
+  request), without automatic redirects, each Location normalized and re-checked -> status handling
+  (304, 429/503 + Retry-After, 5xx retries) -> opt-out headers, content type, size (Content-Encoding
+  undone by our own bounded decoder, aborted past the decoded limit) -> page-level opt-outs in the HTML.
 
 The socket layer re-checks the address it actually connects to, so a DNS answer that changes
 between the check and the connection (rebinding) cannot reach a private address either.
 
 Politeness is never traded for speed: a robots.txt Crawl-delay / Request-rate above
 ``max_crawl_delay_s`` skips the host (refused_robots) rather than crawling it faster than asked, and
-a Retry-After above ``max_retry_after_s`` leaves the whole host alone for that long. Bodies are
-read with a total deadline (3 x timeout_s) as well as the per-read timeout, so a slow-drip server
-cannot hold a worker. Sessions keep no cookies and send no credentials, to any host.
+a Retry-After above ``max_retry_after_s`` leaves the whole host alone for that long. A robots.txt
+that cannot be read (5xx, timeout, network) disallows the whole host for the run; the crawl keeps
+its earlier pages as stale. Every request has a total deadline (``request_deadline_s``: DNS,
+connect, headers and body) besides the per-read timeout, and DNS lookups their own
+(``dns_timeout_s``), so a slow-drip server cannot hold a worker. Sessions keep no cookies and send
+no credentials, to any host; URLs with credentials are refused and redacted in the log.
 """
 
 from __future__ import annotations
 
+import contextlib
 import http.cookiejar
 import ipaddress
 import json
@@ -27,15 +34,18 @@ import re
 import socket
 import threading
 import time
+import zlib
 from collections.abc import Iterator
-from contextlib import contextmanager
+from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import TimeoutError as FutureTimeout
+from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from email.utils import parsedate_to_datetime
 from enum import Enum
 from pathlib import Path
 from typing import Any
-from urllib.parse import urljoin, urlsplit
+from urllib.parse import urljoin, urlsplit, urlunsplit
 
 import lxml.html
 import requests
@@ -48,6 +58,7 @@ from urllib3.exceptions import NewConnectionError
 from urllib3.util import connection as u3connection
 
 from scrapers.common import decode_body, looks_binary, normalize_url, origin
+from scrapers.urls import canonical_url, request_target, url_readings
 
 log = logging.getLogger("scrapers.fetcher")
 
@@ -91,10 +102,22 @@ class FetchResult:
     nofollow: bool = False
     text: str | None = None  # decoded HTML, kept so the crawler need not decode twice
     links: list[str] = field(default_factory=list)  # outgoing links (empty when nofollow)
+    robots_unreachable: bool = False  # refused because the host's robots.txt could not be read this run
 
     @property
     def ok(self) -> bool:
         return self.decision in (Decision.FETCHED, Decision.NOT_MODIFIED)
+
+
+def redact(url: str) -> str:
+    """``url`` without user:password@ (a URL with credentials is refused, and never written down whole)."""
+    try:
+        p = urlsplit(url)
+        if p.username is None and p.password is None:
+            return url
+        return urlunsplit((p.scheme, "***@" + p.netloc.rsplit("@", 1)[1], p.path, p.query, p.fragment))
+    except ValueError:
+        return "(unparseable URL)"
 
 
 class FetchLog:
@@ -108,8 +131,8 @@ class FetchLog:
         self.counts: dict[str, int] = {}
 
     def write(self, r: FetchResult, **extra: Any) -> None:
-        rec = {"url": r.url, "time": r.fetched_at, "decision": r.decision.value, "reason": r.reason,
-               "status": r.status, **({"final_url": r.final_url} if r.final_url and r.final_url != r.url else {}),
+        rec = {"url": redact(r.url), "time": r.fetched_at, "decision": r.decision.value, "reason": r.reason,
+               "status": r.status, **({"final_url": redact(r.final_url)} if r.final_url and r.final_url != r.url else {}),
                **extra}
         line = json.dumps(rec, ensure_ascii=False)
         with self._lock:
@@ -164,35 +187,89 @@ class AddressRefused(OSError):
     """Raised at the socket layer when a connection would reach a refused address."""
 
 
-class AddressGuard:
-    """Refuses loopback, private, link-local, CGNAT, multicast, reserved and cloud-metadata addresses."""
+_NAT64 = ipaddress.ip_network("64:ff9b::/96")  # RFC 6052 well-known prefix: v4 in the last 32 bits
+_NAT64_LOCAL = ipaddress.ip_network("64:ff9b:1::/48")  # RFC 8215 local-use prefix: v4 in bits 48-63 and 72-87
+_DNS_POOL = ThreadPoolExecutor(max_workers=8, thread_name_prefix="dns")  # bounded: a hung resolver holds a slot
 
-    def __init__(self, allowed: list[str]) -> None:
+
+def embedded_ipv4(ip: ipaddress.IPv6Address) -> list[tuple[str, ipaddress.IPv4Address]]:
+    """IPv4 addresses an IPv6 address carries (and reaches through a relay or translator), with the form's name."""
+    n = int(ip)
+    out: list[tuple[str, ipaddress.IPv4Address]] = []
+    if ip.ipv4_mapped:
+        out.append(("IPv4-mapped", ip.ipv4_mapped))
+    if n >> 32 == 0 and n > 1:  # ::a.b.c.d (deprecated IPv4-compatible; :: and ::1 are not)
+        out.append(("IPv4-compatible", ipaddress.IPv4Address(n & 0xFFFFFFFF)))
+    if ip.sixtofour:
+        out.append(("6to4", ip.sixtofour))
+    if ip in _NAT64:
+        out.append(("NAT64", ipaddress.IPv4Address(n & 0xFFFFFFFF)))
+    if ip in _NAT64_LOCAL:
+        out.append(("NAT64 local-use", ipaddress.IPv4Address((((n >> 64) & 0xFFFF) << 16) | ((n >> 40) & 0xFFFF))))
+    if ip.teredo:
+        server, client = ip.teredo  # the client address is stored XOR 0xffffffff; ipaddress undoes it
+        out += [("Teredo server", server), ("Teredo client", client)]
+    return out
+
+
+class AddressGuard:
+    """Refuses loopback, private, link-local, CGNAT, multicast, reserved and cloud-metadata addresses, and IPv6
+    addresses that embed one (IPv4-mapped/compatible, 6to4, NAT64, Teredo). ``allowed`` (the demo's loopback)
+    applies to an address itself or its IPv4-mapped form, never to an address reached through a translator."""
+
+    def __init__(self, allowed: list[str], dns_timeout_s: float = 5.0) -> None:
         self.allowed = [ipaddress.ip_network(a, strict=False) for a in allowed]
+        self.dns_timeout_s = dns_timeout_s
 
     def why_refused(self, ip_text: str) -> str | None:
         ip = ipaddress.ip_address(ip_text.split("%", 1)[0])
         if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped:
-            ip = ip.ipv4_mapped
+            ip = ip.ipv4_mapped  # the same endpoint: the kernel connects to the IPv4 address
         if any(ip in net for net in self.allowed):
             return None
+        if isinstance(ip, ipaddress.IPv6Address):
+            for form, v4 in embedded_ipv4(ip):
+                if (why := self._class(v4)) is not None:
+                    return f"{ip} embeds {v4} ({form}), {why}"
+            if ip in _NAT64_LOCAL:
+                return f"{ip} is in the local-use NAT64 prefix 64:ff9b:1::/48"
+        why = self._class(ip)
+        return f"{ip} is {why}" if why else None
+
+    @staticmethod
+    def _class(ip: ipaddress.IPv4Address | ipaddress.IPv6Address) -> str | None:
+        """Why ``ip`` itself is not a public address (None when it is)."""
         if ip in _METADATA:
-            return f"{ip} is a cloud metadata address"
+            return "a cloud metadata address"
         for attr, label in (("is_loopback", "loopback"), ("is_link_local", "link-local"),
                             ("is_multicast", "multicast"), ("is_unspecified", "unspecified"),
                             ("is_private", "private"), ("is_reserved", "reserved")):
             if getattr(ip, attr):
-                return f"{ip} is a {label} address"
+                return f"a {label} address"
         if ip.version == 4 and ip in _CGNAT:
-            return f"{ip} is a CGNAT (100.64/10) address"
+            return "a CGNAT (100.64/10) address"
         if not ip.is_global:
-            return f"{ip} is not a global address"
+            return "not a global address"
         return None
 
-    def resolve(self, host: str, port: int) -> list[str]:
+    def lookup(self, host: str, port: int, timeout: float | None = None) -> list[str]:
+        """getaddrinfo bounded by ``dns_timeout_s`` (and ``timeout``): the system resolver has no deadline."""
+        try:
+            return [str(ipaddress.ip_address(host.strip("[]").split("%", 1)[0]))]
+        except ValueError:
+            pass
+        limit = self.dns_timeout_s if timeout is None else max(0.0, min(self.dns_timeout_s, timeout))
+        fut = _DNS_POOL.submit(socket.getaddrinfo, host, port, type=socket.SOCK_STREAM)
+        try:
+            infos = fut.result(timeout=limit)
+        except FutureTimeout:
+            fut.cancel()
+            raise socket.gaierror(f"DNS lookup of {host} timed out after {limit:.1f}s (scrape.dns_timeout_s)") from None
+        return list(dict.fromkeys(info[4][0] for info in infos))
+
+    def resolve(self, host: str, port: int, timeout: float | None = None) -> list[str]:
         """All addresses of ``host``; raises AddressRefused if any is refused (no partial trust)."""
-        infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
-        ips = list(dict.fromkeys(info[4][0] for info in infos))
+        ips = self.lookup(host, port, timeout)
         for ip in ips:
             reason = self.why_refused(ip)
             if reason:
@@ -200,28 +277,106 @@ class AddressGuard:
         return ips
 
 
+# --------------------------------------------------------------------------- total deadline
+class Deadline:
+    """A total time limit for one request: DNS, connect, TLS, headers and body together.
+
+    Socket timeouts bound each read, not their sum, so a server that trickles a byte now and then never
+    trips them. A timer shuts the request's sockets down when the time is up; the blocked read returns
+    at once and the fetcher, seeing ``fired``, reports a deadline error (even where the cut looked like
+    a normal end of body).
+    """
+
+    def __init__(self, seconds: float) -> None:
+        self.seconds = seconds
+        self.end = time.monotonic() + seconds
+        self.fired = False
+        self._socks: list[socket.socket] = []
+        self._lock = threading.Lock()
+        self._timer = threading.Timer(seconds, self._fire)
+        self._timer.daemon = True
+        self._timer.start()
+
+    def remaining(self) -> float:
+        return self.end - time.monotonic()
+
+    def attach(self, sock: socket.socket | None) -> None:
+        if sock is None:
+            return
+        with self._lock:
+            if sock not in self._socks:
+                self._socks.append(sock)
+            fired = self.fired
+        if fired:
+            _shutdown(sock)
+
+    def _fire(self) -> None:
+        with self._lock:
+            self.fired = True
+            socks = list(self._socks)
+        for sock in socks:
+            _shutdown(sock)
+
+    def cancel(self) -> None:
+        self._timer.cancel()
+
+    @property
+    def reason(self) -> str:
+        return f"deadline: request not complete within {self.seconds:g}s (scrape.request_deadline_s)"
+
+
+def _shutdown(sock: socket.socket) -> None:
+    with contextlib.suppress(OSError):
+        sock.shutdown(socket.SHUT_RDWR)
+
+
+_current = threading.local()  # the Deadline of the request this thread is making
+
+
+def _deadline() -> Deadline | None:
+    return getattr(_current, "deadline", None)
+
+
 def _guarded_adapter(guard: AddressGuard) -> HTTPAdapter:
     """An adapter whose sockets connect only to addresses the guard accepts (checked at connect time)."""
 
     def new_conn(self: HTTPConnection) -> socket.socket:
+        dl = _deadline()
+        remaining = dl.remaining() if dl else None
+        if remaining is not None and remaining <= 0:
+            raise NewConnectionError(self, dl.reason)
         try:
-            ips = guard.resolve(self._dns_host, self.port)
+            ips = guard.resolve(self._dns_host, self.port, remaining)
         except AddressRefused as e:
             raise NewConnectionError(self, f"address refused: {e}") from e
         except socket.gaierror as e:
             raise NewConnectionError(self, f"DNS resolution failed for {self._dns_host}: {e}") from e
         err: OSError | None = None
         for ip in ips:
+            timeout = self.timeout
+            if dl is not None:  # the connect may not outlive the request's deadline
+                left = max(dl.remaining(), 0.001)
+                timeout = min(timeout, left) if isinstance(timeout, (int, float)) else left
             try:
-                return u3connection.create_connection((ip, self.port), self.timeout,
+                sock = u3connection.create_connection((ip, self.port), timeout,
                                                       source_address=self.source_address,
                                                       socket_options=self.socket_options)
             except OSError as e:
                 err = e
+                continue
+            if dl is not None:
+                dl.attach(sock)  # from here the deadline can cut TLS, headers and body
+            return sock
         raise NewConnectionError(self, f"Failed to establish a new connection: {err}")
 
-    conn_http = type("GuardedHTTPConnection", (HTTPConnection,), {"_new_conn": new_conn})
-    conn_https = type("GuardedHTTPSConnection", (HTTPSConnection,), {"_new_conn": new_conn})
+    def request(self: HTTPConnection, *args: Any, **kwargs: Any) -> None:
+        dl = _deadline()
+        if dl is not None:
+            dl.attach(self.sock)  # a kept-alive connection: its socket was made for an earlier request
+        return HTTPConnection.request(self, *args, **kwargs)
+
+    conn_http = type("GuardedHTTPConnection", (HTTPConnection,), {"_new_conn": new_conn, "request": request})
+    conn_https = type("GuardedHTTPSConnection", (HTTPSConnection,), {"_new_conn": new_conn, "request": request})
     pool_http = type("GuardedHTTPPool", (HTTPConnectionPool,), {"ConnectionCls": conn_http})
     pool_https = type("GuardedHTTPSPool", (HTTPSConnectionPool,), {"ConnectionCls": conn_https})
 
@@ -317,6 +472,8 @@ class FetcherSettings:
     max_retry_after_s: float = MAX_RETRY_AFTER_S
     max_crawl_delay_s: float = MAX_CRAWL_DELAY_S
     robots_ttl_s: float = ROBOTS_TTL_S
+    request_deadline_s: float = 60.0  # total per request: DNS + connect + headers + body
+    dns_timeout_s: float = 5.0
 
     @property
     def agent_token(self) -> str:
@@ -330,13 +487,118 @@ class _Abort(Exception):
         self.result = result
 
 
+@dataclass
+class _Open:
+    """One request in flight: its response, its deadline, and what ``done()`` releases (body, timer, host slot)."""
+
+    stack: ExitStack
+    resp: requests.Response | None = None
+    status: int | None = None
+    deadline: Deadline | None = None
+
+    def done(self) -> None:
+        self.stack.close()
+
+
+# ------------------------------------------------------------------------ content decoding
+DECODE_CHUNK = 64 * 1024
+MAX_ENCODINGS = 3  # "gzip, gzip" is legal; a longer stack is an attack on the decoder, not a page
+
+
+class _Inflater:
+    """One gzip or deflate layer; never returns more than DECODE_CHUNK bytes per piece (no bomb in memory)."""
+
+    def __init__(self, coding: str) -> None:
+        self.coding = coding
+        self._gzip = coding in ("gzip", "x-gzip")
+        self._d = zlib.decompressobj(16 + zlib.MAX_WBITS) if self._gzip else None
+        self._head = b""
+
+    def decompress(self, data: bytes) -> Iterator[bytes]:
+        if self._d is None:  # deflate: zlib-wrapped as RFC 9110 says, or raw deflate as some servers send
+            self._head += data
+            if len(self._head) < 2:
+                return
+            data, self._head = self._head, b""
+            zlib_wrapped = data[0] & 0x0F == 8 and (data[0] << 8 | data[1]) % 31 == 0
+            self._d = zlib.decompressobj(zlib.MAX_WBITS if zlib_wrapped else -zlib.MAX_WBITS)
+        while data:
+            if self._d.eof:
+                if not (self._gzip and data.startswith(b"\x1f\x8b")):
+                    return  # bytes after the end of the stream are ignored (as browsers do)
+                self._d = zlib.decompressobj(16 + zlib.MAX_WBITS)  # the next gzip member
+            out = self._d.decompress(data, DECODE_CHUNK)
+            if out:
+                yield out
+            data = self._d.unconsumed_tail or (self._d.unused_data if self._d.eof else b"")
+        while self._d is not None and not self._d.eof and (out := self._d.decompress(b"", DECODE_CHUNK)):
+            yield out
+
+    def finish(self) -> Iterator[bytes]:
+        if self._head:
+            yield from self.decompress(b"\0")  # a 1-byte deflate body: let zlib reject it
+        if self._d is not None and not self._d.eof:
+            raise zlib.error(f"{self.coding} body ends before its compressed stream does")
+
+
+class BodyDecoder:
+    """Undoes Content-Encoding layers itself, counting decoded bytes as they appear; stops above ``limit``.
+
+    The limit holds whatever urllib3 version is installed and however the layers are stacked: each
+    layer yields at most DECODE_CHUNK bytes at a time, so a 1 KB response that inflates to 1 GB costs
+    ``limit`` bytes of memory, not 1 GB. Encoded bytes count against the limit too.
+    """
+
+    def __init__(self, header: str | None, limit: int) -> None:
+        codings = [c.strip().lower() for c in (header or "").split(",") if c.strip()]
+        codings = [c for c in codings if c != "identity"]
+        if len(codings) > MAX_ENCODINGS:
+            raise ValueError(f"Content-Encoding {header!r}: more than {MAX_ENCODINGS} layers")
+        unknown = [c for c in codings if c not in ("gzip", "x-gzip", "deflate")]
+        if unknown:
+            raise ValueError(f"unsupported Content-Encoding {', '.join(unknown)!r} (we accept gzip, deflate)")
+        self.codings = codings
+        self._layers = [_Inflater(c) for c in reversed(codings)]  # the last one applied is undone first
+        self.limit = limit
+        self.raw_bytes = 0
+        self.size = 0
+        self._chunks: list[bytes] = []
+
+    def _push(self, i: int, data: bytes) -> bool:
+        if i == len(self._layers):
+            self.size += len(data)
+            self._chunks.append(data)
+            return self.size <= self.limit
+        return all(self._push(i + 1, out) for out in self._layers[i].decompress(data))
+
+    def feed(self, data: bytes) -> bool:
+        """False as soon as the encoded or the decoded size passes the limit."""
+        self.raw_bytes += len(data)
+        return self.raw_bytes <= self.limit and self._push(0, data)
+
+    def finish(self) -> bool:
+        if self.raw_bytes == 0:
+            return True  # an empty body (204, HEAD-like) labelled with an encoding
+        for i, layer in enumerate(self._layers):
+            if not all(self._push(i + 1, out) for out in layer.finish()):
+                return False
+        return True
+
+    def body(self) -> bytes:
+        return b"".join(self._chunks)
+
+    def describe(self) -> str:
+        enc = ", ".join(self.codings) or "identity"
+        return f"{self.size:,} bytes decoded so far from {self.raw_bytes:,} received, Content-Encoding {enc}"
+
+
 class PoliteFetcher:
     """Shared, thread-safe fetcher: robots cache, TDMRep cache and per-host throttle are per origin."""
 
     def __init__(self, settings: FetcherSettings, allow: HostAllowList, fetch_log: FetchLog | None = None) -> None:
         self.s = settings
         self.allow = allow
-        self.guard = AddressGuard(settings.allow_private_addresses)
+        self.guard = AddressGuard(settings.allow_private_addresses, settings.dns_timeout_s)
         self.throttle = HostThrottle()
         self.fetch_log = fetch_log
         self._robots: dict[str, _Robots] = {}
@@ -346,6 +608,9 @@ class PoliteFetcher:
         # hosts that asked (Retry-After) for a longer pause than this crawl waits: skipped until then
         self._backed_off: dict[str, tuple[float, int, str]] = {}
         self._local = threading.local()
+        # origins whose robots.txt could not be read this run (5xx, timeout, network): nothing is fetched
+        # from them (RFC 9309 2.3.1.4) and the crawl keeps their earlier pages as stale, not gone
+        self.robots_unreachable: dict[str, str] = {}
 
     # -- sessions: one per thread (requests.Session is not thread-safe); no cookies, no env proxies/netrc
     def _session(self) -> requests.Session:
@@ -433,10 +698,15 @@ class PoliteFetcher:
             elif res.status is not None and 400 <= res.status < 500 and res.status != 429:
                 rb = _Robots(None, True, time.monotonic(), f"robots.txt HTTP {res.status}: allow all")
             else:
+                # RFC 9309 2.3.1.4: unreachable (5xx, 429, timeout, network) = complete disallow. The crawl
+                # keeps this host's earlier pages as stale instead of counting them gone
                 rb = _Robots(None, False, time.monotonic(),
-                             f"robots.txt unreachable ({res.reason or res.status}): disallow all")
+                             f"robots.txt unreachable ({res.reason or res.status}): disallow all, earlier pages kept")
+                self.robots_unreachable[org] = rb.note
             if rb.note != "parsed":
-                log.info("%s: %s", url, rb.note)
+                (log.warning if not rb.allow_all else log.info)("%s: %s", url, rb.note)
+            if rb.allow_all or rb.parser is not None:
+                self.robots_unreachable.pop(org, None)
             self._robots[org] = rb
             # the Crawl-delay is only known now: the request after robots.txt must wait for it too
             self.throttle.pause(urlsplit(org).netloc, min(self.delay_for(org), self.s.max_crawl_delay_s))
@@ -450,7 +720,8 @@ class PoliteFetcher:
         if delay > self.s.max_crawl_delay_s:
             return False, (f"robots.txt asks for {delay:.0f}s between requests (Crawl-delay/Request-rate), more than "
                            f"max_crawl_delay_s {self.s.max_crawl_delay_s:.0f}; host skipped")
-        ok = rb.parser.can_fetch(url, self.s.agent_token)
+        # every reading of the path must be allowed (an encoded slash that a server decodes is one)
+        ok = all(rb.parser.can_fetch(u, self.s.agent_token) for u in url_readings(url))
         return ok, "" if ok else "disallowed by robots.txt"
 
     def tdm_reserved(self, url: str) -> str | None:
@@ -472,11 +743,10 @@ class PoliteFetcher:
                         except json.JSONDecodeError:
                             log.warning("%s: not valid JSON; ignored", well_known)
                 self._tdm[org] = rules
-        p = urlsplit(url)
-        path = (p.path or "/") + (f"?{p.query}" if p.query else "")
+        paths = [request_target(u) for u in url_readings(url)]
         for rule in rules:
             loc = str(rule.get("location", ""))
-            if loc and _wildcard_match(loc, path) and str(rule.get("tdm-reservation", "0")) == "1":
+            if loc and any(_wildcard_match(loc, path) for path in paths) and str(rule.get("tdm-reservation", "0")) == "1":
                 policy = rule.get("tdm-policy")
                 return f"TDM reservation in /.well-known/tdmrep.json ({loc})" + (f", policy {policy}" if policy else "")
         return None
@@ -510,21 +780,26 @@ class PoliteFetcher:
     def _get_inner(self, url: str, accept_types: tuple[str, ...] | None, max_bytes: int, etag: str | None,
                    last_modified: str | None, truncate: bool, policy_checks: bool) -> FetchResult:
         first_url = url
+        current = canonical_url(url)  # checks and request see one form (scrapers/urls.py)
+        if current is None:
+            return FetchResult(redact(url), Decision.ERROR, "unusable URL (no http(s) host, credentials, or "
+                                                            "control characters)")
         seen: set[str] = set()
-        current = url
         for _hop in range(MAX_REDIRECTS + 1):
             refusal = self._check_target(current)
             if refusal is None and policy_checks:
                 allowed, why = self.robots_allows(current)
                 if not allowed:
-                    refusal = FetchResult(current, Decision.REFUSED_ROBOTS, why)
+                    refusal = FetchResult(current, Decision.REFUSED_ROBOTS, why,
+                                          robots_unreachable=origin(current) in self.robots_unreachable)
                 else:
                     tdm = self.tdm_reserved(current)
                     if tdm:
                         refusal = FetchResult(current, Decision.REFUSED_OPTOUT, tdm)
             if refusal is not None:
                 if current != first_url:
-                    refusal.reason = f"redirect to {current}: {refusal.reason}"
+                    if current != canonical_url(first_url):
+                        refusal.reason = f"redirect to {current}: {refusal.reason}"
                     refusal.url, refusal.final_url = first_url, current
                 return refusal
             seen.add(current)
@@ -533,79 +808,118 @@ class PoliteFetcher:
                 headers["If-None-Match"] = etag
             if last_modified:
                 headers["If-Modified-Since"] = last_modified
-            resp, status = self._request(first_url, current, headers)
-            if status in (301, 302, 303, 307, 308):
-                loc = resp.headers.get("Location")
-                resp.close()
-                nxt = normalize_url(loc, current) if loc else None
+            op = self._request(first_url, current, headers)
+            if op.status in (301, 302, 303, 307, 308):
+                try:
+                    loc = op.resp.headers.get("Location")
+                finally:
+                    op.done()
+                nxt = canonical_url(loc, current) if loc else None  # normalized, then checked like any URL
                 if not nxt:
-                    return FetchResult(first_url, Decision.ERROR, f"HTTP {status} without a usable Location", status,
-                                       final_url=current)
+                    return FetchResult(first_url, Decision.ERROR, f"HTTP {op.status} without a usable Location",
+                                       op.status, final_url=current)
                 if nxt in seen:
-                    return FetchResult(first_url, Decision.ERROR, f"redirect loop at {nxt}", status, final_url=nxt)
+                    return FetchResult(first_url, Decision.ERROR, f"redirect loop at {nxt}", op.status, final_url=nxt)
                 if urlsplit(nxt).netloc != urlsplit(current).netloc:
                     etag = last_modified = None  # validators belong to the host that issued them
                 current = nxt
                 continue
-            return self._finish(first_url, current, resp, status, accept_types, max_bytes, truncate, policy_checks)
+            return self._finish(first_url, current, op, accept_types, max_bytes, truncate, policy_checks)
         return FetchResult(first_url, Decision.ERROR, f"more than {MAX_REDIRECTS} redirects", final_url=current)
 
-    def _request(self, first_url: str, url: str, headers: dict[str, str]) -> tuple[requests.Response, int]:
-        """One GET in the host's slot, retried on 429/503 (Retry-After), 5xx and network errors."""
+    def _prepare(self, first_url: str, url: str, headers: dict[str, str]) -> requests.PreparedRequest:
+        """The request for ``url``, refused unless its target is byte for byte the URL that was checked."""
+        prep = self._session().prepare_request(requests.Request("GET", url, headers=headers))
+        sent = urlsplit(prep.url)
+        want = urlsplit(url)
+        if prep.path_url != request_target(url) or sent.netloc.lower() != want.netloc or sent.scheme != want.scheme:
+            raise _Abort(FetchResult(first_url, Decision.ERROR, f"request target {prep.url!r} differs from the "
+                                                                f"checked URL {url!r}; not sent", final_url=url))
+        return prep
+
+    def _request(self, first_url: str, url: str, headers: dict[str, str]) -> _Open:
+        """One GET in the host's slot, retried on 429/503 (Retry-After), 5xx and network errors.
+
+        The slot (one request at a time per host, the delay counted from the end of the previous
+        response) is held until the caller has read the body and called ``done()``.
+        """
         org = origin(url)
         host = urlsplit(url).netloc
+        prep = self._prepare(first_url, url, headers)
         attempt = 0
         while True:
             off = self._backed_off.get(host)
             if off and off[0] > time.monotonic():
                 raise _Abort(FetchResult(first_url, Decision.ERROR, off[2], off[1], final_url=url))
-            with self.throttle.slot(host, min(self.delay_for(org), self.s.max_crawl_delay_s)):
-                try:
-                    resp = self._session().get(url, headers=headers, allow_redirects=False, stream=True,
-                                               timeout=(self.s.timeout_s, self.s.timeout_s))
-                    status = resp.status_code
-                    err = None
-                except requests.RequestException as e:
-                    resp, status, err = None, None, e
-                wait = None
-                if err is None and status in (429, 503):
-                    ra = _retry_after(resp.headers.get("Retry-After"))
-                    if ra is not None and ra > self.s.max_retry_after_s:
-                        # the server wants a longer pause than this crawl waits: honor it by leaving the
-                        # whole host alone until then (its remaining URLs are errors; stored pages are kept)
-                        resp.close()
-                        why = (f"HTTP {status}: Retry-After {ra:.0f}s exceeds the {self.s.max_retry_after_s:.0f}s "
-                               f"bound; host backed off")
-                        self._backed_off[host] = (time.monotonic() + ra, status, why)
-                        self.throttle.pause(host, ra)
-                        raise _Abort(FetchResult(first_url, Decision.ERROR, why, status, final_url=url))
-                    wait = ra if ra is not None else self._backoff(org, attempt)
-                elif err is None and 500 <= status < 600:
-                    wait = self._backoff(org, attempt)
-                elif err is not None:
-                    if "address refused" in str(err):
-                        raise _Abort(FetchResult(first_url, Decision.REFUSED_ADDRESS, f"at connect: {err}",
-                                                 final_url=url))
-                    wait = self._backoff(org, attempt)
-                if wait is None:
-                    return resp, status
-                if attempt >= self.s.max_retries:
-                    if resp is not None:
-                        resp.close()
-                    what = f"HTTP {status}" if err is None else f"{type(err).__name__}: {err}"
-                    raise _Abort(FetchResult(first_url, Decision.ERROR,
-                                             f"{what} after {attempt + 1} attempt(s)", status, final_url=url))
-                if resp is not None:
-                    resp.close()
-                self.throttle.pause(host, wait)
-                attempt += 1
+            op = _Open(ExitStack())
+            op.stack.enter_context(self.throttle.slot(host, min(self.delay_for(org), self.s.max_crawl_delay_s)))
+            try:
+                res = self._attempt(first_url, url, prep, op, org, host, attempt)
+            except BaseException:
+                op.done()  # never leave the host's slot held
+                raise
+            if res is not None:
+                return res
+            attempt += 1
+
+    def _attempt(self, first_url: str, url: str, prep: requests.PreparedRequest, op: _Open, org: str, host: str,
+                 attempt: int) -> _Open | None:
+        """One try: the open response to use, None to try again (slot released), or _Abort."""
+        op.deadline = Deadline(self.s.request_deadline_s)
+        op.stack.callback(op.deadline.cancel)
+        err = None
+        try:
+            _current.deadline = op.deadline
+            op.resp = self._session().send(prep, allow_redirects=False, stream=True,
+                                           timeout=(self.s.timeout_s, self.s.timeout_s))
+            op.stack.callback(op.resp.close)  # runs before the slot is released (LIFO)
+            op.status = op.resp.status_code
+        except requests.RequestException as e:
+            err = e
+        finally:
+            _current.deadline = None
+        if op.deadline.fired:
+            op.done()
+            raise _Abort(FetchResult(first_url, Decision.ERROR, op.deadline.reason, op.status, final_url=url))
+        resp, status = op.resp, op.status
+        wait = None
+        if err is None and status in (429, 503):
+            ra = _retry_after(resp.headers.get("Retry-After"))
+            if ra is not None and ra > self.s.max_retry_after_s:
+                # the server wants a longer pause than this crawl waits: honor it by leaving the
+                # whole host alone until then (its remaining URLs are errors; stored pages are kept)
+                why = (f"HTTP {status}: Retry-After {ra:.0f}s exceeds the {self.s.max_retry_after_s:.0f}s "
+                       f"bound; host backed off")
+                self._backed_off[host] = (time.monotonic() + ra, status, why)
+                self.throttle.pause(host, ra)
+                op.done()
+                raise _Abort(FetchResult(first_url, Decision.ERROR, why, status, final_url=url))
+            wait = ra if ra is not None else self._backoff(org, attempt)
+        elif err is None and 500 <= status < 600:
+            wait = self._backoff(org, attempt)
+        elif err is not None:
+            if "address refused" in str(err):
+                op.done()
+                raise _Abort(FetchResult(first_url, Decision.REFUSED_ADDRESS, f"at connect: {err}",
+                                         final_url=url))
+            wait = self._backoff(org, attempt)
+        if wait is None:
+            return op
+        if attempt >= self.s.max_retries:
+            op.done()
+            what = f"HTTP {status}" if err is None else f"{type(err).__name__}: {err}"
+            raise _Abort(FetchResult(first_url, Decision.ERROR,
+                                     f"{what} after {attempt + 1} attempt(s)", status, final_url=url))
+        self.throttle.pause(host, wait)
+        op.done()
+        return None
 
     def _backoff(self, org: str, attempt: int) -> float:
         return min(max(self.delay_for(org), 0.5) * (2 ** attempt), self.s.max_retry_after_s)
 
-    def _finish(self, first_url: str, url: str, resp: requests.Response, status: int,
-                accept_types: tuple[str, ...] | None, max_bytes: int, truncate: bool,
-                policy_checks: bool) -> FetchResult:
+    def _finish(self, first_url: str, url: str, op: _Open, accept_types: tuple[str, ...] | None, max_bytes: int,
+                truncate: bool, policy_checks: bool) -> FetchResult:
+        resp, status = op.resp, op.status
         h = resp.headers
         base = dict(status=status, final_url=url, etag=h.get("ETag"), last_modified=h.get("Last-Modified"),
                     content_type=h.get("Content-Type"))
@@ -634,9 +948,16 @@ class PoliteFetcher:
             if length and length.isdigit() and int(length) > max_bytes and not truncate:
                 return FetchResult(first_url, Decision.REFUSED_SIZE,
                                    f"Content-Length {length} > max_bytes {max_bytes}", **base)
-            body = self._read(resp, max_bytes, truncate)
+            try:
+                decoder = BodyDecoder(h.get("Content-Encoding"), max_bytes)
+            except ValueError as e:
+                return FetchResult(first_url, Decision.REFUSED_TYPE, str(e), **base)
+            body = self._read(resp, decoder, truncate)
+            if op.deadline is not None and op.deadline.fired:  # the cut may have looked like a clean end of body
+                return FetchResult(first_url, Decision.ERROR, op.deadline.reason, **base)
             if body is None:
-                return FetchResult(first_url, Decision.REFUSED_SIZE, f"body exceeds max_bytes {max_bytes}", **base)
+                return FetchResult(first_url, Decision.REFUSED_SIZE,
+                                   f"body exceeds max_bytes {max_bytes} ({decoder.describe()})", **base)
             if policy_checks and accept_types is not None and looks_binary(body):
                 return FetchResult(first_url, Decision.REFUSED_TYPE,
                                    f"binary body labelled {ctype or '(no content type)'}", **base)
@@ -644,32 +965,29 @@ class PoliteFetcher:
             if policy_checks and ctype in ("text/html", "application/xhtml+xml"):
                 self._page_optouts(res)
             return res
-        except (requests.RequestException, Urllib3Error, OSError) as e:
+        except (requests.RequestException, Urllib3Error, OSError, zlib.error) as e:
+            if op.deadline is not None and op.deadline.fired:
+                return FetchResult(first_url, Decision.ERROR, op.deadline.reason, **base)
             return FetchResult(first_url, Decision.ERROR, f"reading body: {type(e).__name__}: {e}", **base)
         finally:
-            resp.close()
+            op.done()  # after the body: closes it, then starts the host's delay
 
-    def _read(self, resp: requests.Response, max_bytes: int, truncate: bool) -> bytes | None:
-        """Stream the body; stop past ``max_bytes`` (decoded, so a gzip bomb stops too) and past a total
-        deadline of 3 x timeout_s (a slow-drip server that sends a byte now and then never trips the
-        per-read timeout). ``read1`` returns what one read gives, so the deadline is checked that often."""
-        deadline = time.monotonic() + 3 * self.s.timeout_s
-        chunks: list[bytes] = []
-        size = 0
+    def _read(self, resp: requests.Response, decoder: BodyDecoder, truncate: bool) -> bytes | None:
+        """Stream the raw (still encoded) body through our own bounded decoder; None past the decoded limit.
+
+        urllib3 is told not to decode: its limits differ between versions, ours do not. The total
+        deadline (``Deadline``) cuts a slow-drip body; ``read1`` returns what one read gives.
+        """
         raw = resp.raw
         while True:
-            chunk = raw.read1(64 * 1024, decode_content=True)
+            chunk = raw.read1(64 * 1024, decode_content=False)
             if not chunk:
                 break
-            chunks.append(chunk)
-            size += len(chunk)
-            if size > max_bytes:
-                if truncate:
-                    return b"".join(chunks)[:max_bytes]
-                return None
-            if time.monotonic() > deadline:
-                raise requests.Timeout(f"body not complete within {3 * self.s.timeout_s:.0f}s")
-        return b"".join(chunks)
+            if not decoder.feed(chunk):
+                return decoder.body()[:decoder.limit] if truncate else None
+        if not decoder.finish():
+            return decoder.body()[:decoder.limit] if truncate else None
+        return decoder.body()
 
     def _page_optouts(self, res: FetchResult) -> None:
         """<meta name=robots|ouragent content=noindex/nofollow> and <meta name=tdm-reservation content=1>."""

@@ -10,7 +10,7 @@ from __future__ import annotations
 import os
 import re
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
@@ -114,6 +114,11 @@ class SourceConfig(Section):
 
 
 class SourcesFile(Section):
+    variables: list[str] = Field(
+        default_factory=list,
+        description="Environment variables this file may use as ${NAME} (e.g. DEMO_SITE); any other $NAME is an "
+        "error. Names that look like secrets (TOKEN, SECRET, PASSWORD, KEY, ...) cannot be declared.",
+    )
     sources: list[SourceConfig]
 
 
@@ -128,7 +133,13 @@ class ScrapeConfig(Section):
     sources: str = Field(description="YAML file listing the allow-listed sources.")
     user_agent: str = "data-to-adapter/0.1 (+mailto:data-team@example.org)"
     min_delay_s: float = Field(default=1.0, ge=0, description="Per-host minimum delay between requests.")
-    timeout_s: float = Field(default=20.0, gt=0)
+    timeout_s: float = Field(default=20.0, gt=0, description="Per socket operation: connect, and each read.")
+    request_deadline_s: float = Field(
+        default=60.0, gt=0,
+        description="Total time one request may take, DNS + connect + headers + body; a server that trickles "
+        "bytes is cut off here (fetch log: error, reason 'deadline').",
+    )
+    dns_timeout_s: float = Field(default=5.0, gt=0, description="A host name lookup taking longer is an error.")
     max_bytes: int = Field(default=5_000_000, gt=0, description="Bodies larger than this are refused.")
     max_retries: int = Field(default=3, ge=0)
     allow_private_addresses: list[str] = Field(
@@ -155,12 +166,57 @@ class ScrapeConfig(Section):
 
 
 
+_VAR_REF = re.compile(r"\$(?:\{([^}]*)\}?|([A-Za-z_][A-Za-z0-9_]*))")
+_SECRET_NAME = re.compile(r"TOKEN|SECRET|PASSW|PASSWD|API_?KEY|ACCESS_?KEY|PRIVATE|CREDENTIAL|AUTH|COOKIE|SESSION",
+                          re.IGNORECASE)
+
+
+def _expand_declared(node: Any, declared: dict[str, str | None], where: str) -> Any:
+    """Expand ${NAME}/$NAME in every string of ``node`` if NAME is declared; anything else is an error.
+
+    Only the declared names are read from the environment, so a ${HF_TOKEN} pasted into a URL can never
+    be sent to a site or written to the fetch log."""
+    if isinstance(node, dict):
+        return {k: _expand_declared(v, declared, f"{where}.{k}") for k, v in node.items()}
+    if isinstance(node, list):
+        return [_expand_declared(v, declared, f"{where}.{i}") for i, v in enumerate(node)]
+    if not isinstance(node, str):
+        return node
+
+    def sub(m: re.Match[str]) -> str:
+        name = m.group(1) if m.group(1) is not None else m.group(2)
+        if name not in declared:
+            raise ConfigError(f"{where}: ${{{name}}} is not a declared variable of this sources file; declare it in "
+                              "top-level 'variables:' (secrets cannot be), or write a literal $ as %24 in a URL")
+        value = declared[name]
+        if value is None:
+            raise ConfigError(f"{where}: ${{{name}}} is declared but not set in the environment")
+        return value
+
+    return _VAR_REF.sub(sub, node)
+
+
 def load_sources(path: str | os.PathLike[str]) -> list[SourceConfig]:
     path = resolve_path(path)
     if not path.is_file():
         raise ConfigError(f"sources file not found: {path}")
-    # ${VAR} in URLs is expanded from the environment (the demo site's origin is only known at run time)
-    data = yaml.safe_load(os.path.expandvars(path.read_text(encoding="utf-8"))) or {}
+    try:
+        data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{path}: invalid YAML: {e}") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: expected a mapping with 'sources:'")
+    names = data.get("variables") or []
+    if not isinstance(names, list) or not all(isinstance(n, str) and re.fullmatch(r"[A-Za-z_]\w*", n)
+                                              for n in names):
+        raise ConfigError(f"{path}: variables: must be a list of environment variable names")
+    if secret := [n for n in names if _SECRET_NAME.search(n)]:
+        raise ConfigError(f"{path}: variables: {', '.join(secret)} look(s) like a secret; a sources file's values "
+                          "are sent to sites and logged, so secrets cannot be declared")
+    # ${VAR} is expanded after parsing, in values only, and only for declared names (the demo site's
+    # origin is only known at run time)
+    declared = {n: os.environ.get(n) for n in names}
+    data = {k: (v if k == "variables" else _expand_declared(v, declared, f"{path}: {k}")) for k, v in data.items()}
     try:
         return SourcesFile.model_validate(data).sources
     except ValidationError as e:

@@ -197,6 +197,8 @@ def _publish(cfg: PipelineConfig, state: CrawlState, summary: Any, fetch_log_pat
             **state.change_counts(summary.gen, summary.prev_gen),
             "out_of_scope_links": summary.out_of_scope_links,
             "over_max_pages": summary.over_max_pages,
+            # RFC 9309: hosts whose robots.txt was unreachable; nothing fetched, earlier pages kept (stale_kept)
+            "robots_unreachable_hosts": sorted(summary.robots_unreachable),
             "imported": n_imported,
             "import_rejects": n_import_rejects,
             "imported_per_source": {k: v.as_dict() for k, v in sorted(imported.items())},
@@ -204,7 +206,7 @@ def _publish(cfg: PipelineConfig, state: CrawlState, summary: Any, fetch_log_pat
         }
         manifest = stage.manifest(work, counts, generation=summary.gen, resumed=summary.resumed,
                                   seconds=round(summary.seconds, 3), refused_sources=refused_sources,
-                                  web_pages_fingerprint=web_fp,
+                                  web_pages_fingerprint=web_fp, robots_unreachable=summary.robots_unreachable,
                                   dataset_fingerprints={s.id: fp for s, fp in ds_fps})
     state.mark_published(summary.gen)
     log.info("scrape published %d pages to %s: %s", counts["pages"], cfg.root / "raw",

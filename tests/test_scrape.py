@@ -555,7 +555,8 @@ def test_slow_drip_and_endless_bodies_are_cut_off_and_the_crawl_goes_on(tmp_path
         src = write_sources(tmp_path / "s.yaml", [{"id": "t", "category": "articles", "start_urls": [site.url + "/"],
                                                    "include": ["/"], "permission": PERMISSION}])
         t0 = time.monotonic()
-        m = run_scrape(make_cfg(tmp_path / "data", src, max_retries=0, timeout_s=0.5, max_bytes=300_000))
+        m = run_scrape(make_cfg(tmp_path / "data", src, max_retries=0, timeout_s=0.5, request_deadline_s=1.5,
+                                max_bytes=300_000))
         wall = time.monotonic() - t0
         done.set()
     log = {r["url"].split("/", 3)[3]: r for r in fetch_log(tmp_path / "data")}
