@@ -133,7 +133,7 @@ def article_pages(corpus: Path, limit: int | None) -> dict[str, list[tuple[str, 
                      if (corpus / sub / item["file"]).is_file()), None)
         if path is None:
             continue
-        host = re.sub(r"[^a-z0-9.-]", "-", url.split("/")[2].lower()) or "site"
+        host = re.sub(r"[^a-z0-9.-]", "-", (url.split("/") + ["", "", ""])[2].lower()) or "site"
         sites.setdefault(host, []).append((f"p{i}", path, item))
     if limit:
         sites = dict(list(sites.items())[:limit])

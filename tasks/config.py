@@ -96,6 +96,16 @@ class SourceConfig(Section):
 class SourcesFile(Section):
     sources: list[SourceConfig]
 
+    @model_validator(mode="after")
+    def _no_conflicts(self) -> SourcesFile:
+        # a source that can never receive a page, or that shares pages with another, is a config error
+        from scrapers.sources import source_conflicts
+
+        problems = source_conflicts(self.sources)
+        if problems:
+            raise ValueError("; ".join(problems))
+        return self
+
 
 # ------------------------------------------------------------------------------------ stages
 class DemoSiteConfig(Section):
