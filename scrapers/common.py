@@ -168,7 +168,7 @@ class Page:
     def items(self) -> list[dict[str, Any]]:
         """schema.org items from JSON-LD, microdata and RDFa, flattened (@graph, lists, nested items)."""
         if self._items is None:
-            self._items = structured_items(self.tree, self.url)
+            self._items = structured_items(self.tree, self.url, self.html)
         return self._items
 
     def of_type(self, *types: str) -> list[dict[str, Any]]:
@@ -233,7 +233,22 @@ def _read_jsonld(raw: str) -> Any:
     return None
 
 
-def structured_items(tree: Any, url: str) -> list[dict[str, Any]]:
+def _rdfa_plain(v: Any) -> Any:
+    """RDFa items as extruct gives them ({"https://schema.org/name": [{"@value": x}]}) in JSON-LD's shape."""
+    if isinstance(v, list):
+        vs = [_rdfa_plain(x) for x in v]
+        return vs[0] if len(vs) == 1 else vs
+    if isinstance(v, dict):
+        if set(v) == {"@value"} or (set(v) <= {"@value", "@language", "@type"} and "@value" in v):
+            return v["@value"]
+        out = {k.rsplit("/", 1)[-1].split("#")[-1] if k.startswith("http") else k: _rdfa_plain(x) for k, x in v.items()}
+        if isinstance(out.get("@type"), list) and len(out["@type"]) == 1:
+            out["@type"] = out["@type"][0]
+        return out
+    return v
+
+
+def structured_items(tree: Any, url: str, html: str | None = None) -> list[dict[str, Any]]:
     """Every typed schema.org item on the page: JSON-LD (each block on its own, so one broken block hides
     nothing else), then microdata and RDFa (extruct, on the same tree) only when the page has such markup."""
     data: list[Any] = []
@@ -249,8 +264,11 @@ def structured_items(tree: Any, url: str) -> list[dict[str, Any]]:
 
         for syntax in syntaxes:
             try:
-                got = extruct.extract(tree, base_url=url, syntaxes=[syntax], uniform=True)
-                data.extend(got.get(syntax, []))
+                # RDFa needs extruct's own DOM-flavoured parse of the string; microdata reads the shared tree
+                src = html if syntax == "rdfa" and html is not None else tree
+                got = extruct.extract(src, base_url=url, syntaxes=[syntax], uniform=True)
+                data.extend(_rdfa_plain(x) for x in got.get(syntax, [])) if syntax == "rdfa" else \
+                    data.extend(got.get(syntax, []))
             except Exception as e:  # noqa: BLE001 - malformed markup: the HTML is still read
                 _log.debug("%s: %s unreadable (%s)", url, syntax, e)
     out: list[dict[str, Any]] = []

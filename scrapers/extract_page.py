@@ -38,7 +38,8 @@ def extract_page(row: dict[str, Any], min_text_chars: int) -> tuple[dict[str, An
 
     def reject(reason: str, detail: str) -> tuple[None, dict[str, Any]]:
         return None, {"url": url, "category": category, "reason": reason, "detail": detail,
-                      "source_id": row.get("source_id"), "sha256": row.get("sha256")}
+                      "source_id": row.get("source_id"), "sha256": row.get("sha256"),
+                      "final_url": row.get("final_url") or url, "license": row.get("license")}
 
     ctype = (row.get("content_type") or "").split(";")[0].strip().lower()
     if not body.strip():
@@ -86,7 +87,7 @@ _FENCE = re.compile(r"(```[^\n]*\n.*?\n```)", re.S)
 
 def _fix_fields(v: Any) -> Any:
     if isinstance(v, str):
-        return " ".join(fix_text(v).split(" ")).strip() if "\n" not in v else fix_text(v).strip()
+        return drop_boilerplate(fix_text(v)).strip()
     if isinstance(v, list):
         return [_fix_fields(x) for x in v]
     if isinstance(v, dict):

@@ -41,6 +41,28 @@ def _instructions(value: Any) -> list[str]:
     return steps
 
 
+_FLOAT_ZERO = re.compile(r"\b(\d+)\.0\b")
+
+
+def _ingredient_lines(value: Any) -> list[str]:
+    """recipeIngredient: a list, or one string with a line per ingredient; '500.0 g' written as '500 g'."""
+    out = []
+    for i in as_list(value):
+        for line in (i.split("\n") if isinstance(i, str) else [i]):
+            line = _FLOAT_ZERO.sub(r"\1", clean(line))
+            if line:
+                out.append(line)
+    return out
+
+
+def _richer(html: list[str], schema: list[str]) -> bool:
+    """The page's own ingredient list says more than the markup (quantities the markup left out)."""
+    if not html or not schema or not 0.8 * len(schema) <= len(html) <= 2 * len(schema):
+        return False
+    digits = lambda xs: sum(c.isdigit() for x in xs for c in x)  # noqa: E731
+    return digits(html) > digits(schema) and sum(map(len, html)) > sum(map(len, schema))
+
+
 def _nutrient_label(key: str) -> str:
     if key in _NUTRIENT_NAMES:
         return _NUTRIENT_NAMES[key]
@@ -65,8 +87,7 @@ def _from_schema(item: dict[str, Any]) -> dict[str, Any]:
         "total_time": human_duration(item.get("totalTime")),
         "cuisine": clean(item.get("recipeCuisine")),
         "category": clean(item.get("recipeCategory")),
-        "ingredients": [clean(i) for i in as_list(item.get("recipeIngredient") or item.get("ingredients"))
-                        if clean(i)],
+        "ingredients": _ingredient_lines(item.get("recipeIngredient") or item.get("ingredients")),
         "steps": _instructions(item.get("recipeInstructions")),
         "nutrition": _nutrition(item.get("nutrition")),
     }
@@ -163,10 +184,10 @@ def parse(page: Page) -> Parsed:
                                            bool(r.get("recipeInstructions"))))
         f = _from_schema(best)
         f["source_format"] = "schema.org"
-        if not f["ingredients"] or not f["steps"]:  # partial markup: complete it from the HTML
-            h = _from_html(page)
-            f["ingredients"] = f["ingredients"] or h["ingredients"]
-            f["steps"] = f["steps"] or h["steps"]
+        h = _from_html(page)  # partial or thin markup: complete it from the page's own lists
+        if not f["ingredients"] or _richer(h["ingredients"], f["ingredients"]):
+            f["ingredients"] = h["ingredients"] or f["ingredients"]
+        f["steps"] = f["steps"] or h["steps"]
     else:
         f = _from_html(page)
         f["source_format"] = "html" if f["ingredients"] or f["steps"] else "text"
