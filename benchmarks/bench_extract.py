@@ -82,9 +82,9 @@ def flat_values(v: Any) -> list[str]:
     return [str(v)] if isinstance(v, str) else []
 
 
-ENTITY = re.compile(r"&(?:#\d{1,7}|#x[0-9a-f]{1,6}|[a-z][a-z0-9]{1,31});", re.I)
+ENTITY = re.compile(r"&(?:#\d{1,7}|#x[0-9a-f]{1,6}|[a-z][a-z0-9]{1,31});", re.IGNORECASE)
 MARKUP = re.compile(r"</?(?:p|div|span|br|a|b|i|em|strong|li|ul|ol|h[1-6]|img|script|style|table|tr|td)\b[^>]*>",
-                    re.I)
+                    re.IGNORECASE)
 BOILERPLATE = re.compile(
     r"(?i)\b(?:we use cookies|this (?:web)?site uses cookies|cookie (?:policy|settings|preferences|consent)|"
     r"accept (?:all )?cookies|manage (?:your )?(?:cookie|consent|privacy) (?:settings|preferences|choices)|"

@@ -10,7 +10,16 @@ from __future__ import annotations
 
 from typing import Any
 
-from scrapers.common import (ParseReject, Page, Parsed, clean, join_blocks, main_node, nav_ratio, tree_title)
+from scrapers.common import (
+    Page,
+    Parsed,
+    ParseReject,
+    clean,
+    join_blocks,
+    main_node,
+    nav_ratio,
+    tree_title,
+)
 
 _BLOCK_TAGS = {"h1", "h2", "h3", "h4", "h5", "h6", "p", "li", "pre", "blockquote", "dt", "dd", "figcaption"}
 SHORT_TEXT = 200  # below this, trafilatura's result may be navigation it took for text

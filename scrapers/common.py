@@ -51,7 +51,7 @@ def doc_id(source_id: str, url: str) -> str:
 
 
 # ----------------------------------------------------------------------------------- charset
-_META_CHARSET = re.compile(rb"""<meta[^>]+charset\s*=\s*["']?\s*([A-Za-z0-9_.:-]+)""", re.I)
+_META_CHARSET = re.compile(rb"""<meta[^>]+charset\s*=\s*["']?\s*([A-Za-z0-9_.:-]+)""", re.IGNORECASE)
 _BOMS = ((codecs.BOM_UTF8, "utf-8"), (codecs.BOM_UTF16_LE, "utf-16"), (codecs.BOM_UTF16_BE, "utf-16"))
 # WHATWG: pages labelled latin-1/ascii are decoded as windows-1252 by every browser.
 _ALIASES = {"iso-8859-1": "cp1252", "latin-1": "cp1252", "latin1": "cp1252", "l1": "cp1252",
@@ -61,7 +61,7 @@ _ALIASES = {"iso-8859-1": "cp1252", "latin-1": "cp1252", "latin1": "cp1252", "l1
 def charset_from_content_type(content_type: str | None) -> str | None:
     if not content_type:
         return None
-    m = re.search(r"charset\s*=\s*[\"']?([A-Za-z0-9_.:-]+)", content_type, re.I)
+    m = re.search(r"charset\s*=\s*[\"']?([A-Za-z0-9_.:-]+)", content_type, re.IGNORECASE)
     return m.group(1) if m else None
 
 
@@ -115,13 +115,13 @@ def decode_body(body: bytes, content_type: str | None = None) -> tuple[str, str]
 
 
 # ------------------------------------------------------------------------------ parsing helpers
-import html as html_lib  # noqa: E402 - helpers for the category parsers below
-import json  # noqa: E402
-import logging  # noqa: E402
-from dataclasses import dataclass, field  # noqa: E402
-from typing import Any  # noqa: E402
+import html as html_lib
+import json
+import logging
+from dataclasses import dataclass, field
+from typing import Any
 
-from bs4 import BeautifulSoup, Tag  # noqa: E402
+from bs4 import BeautifulSoup, Tag
 
 _log = logging.getLogger("scrapers.parse")
 
@@ -192,7 +192,7 @@ def make_page(url: str, html: str, license: str | None = None) -> Page:
     return Page(url, html, license)
 
 
-_XML_DECL = re.compile(r"^\s*<\?xml[^>]*>", re.I)
+_XML_DECL = re.compile(r"^\s*<\?xml[^>]*>", re.IGNORECASE)
 
 
 def parse_tree(html: str) -> Any:
@@ -293,8 +293,8 @@ def structured_items(tree: Any, url: str, html: str | None = None) -> list[dict[
 # ------------------------------------------------------------------------ text hygiene
 # An entity left after parsing means the source escaped twice (JSON-LD strings are never HTML-decoded,
 # and "&amp;amp;" decodes to "&amp;"): decode until none is left (bounded), then drop markup fragments.
-_ENTITY = re.compile(r"&(?:#\d{1,7}|#x[0-9a-f]{1,6}|[a-z][a-z0-9]{1,31});", re.I)
-_TAG = re.compile(r"</?[a-zA-Z][a-zA-Z0-9:-]*(?:\s+[^<>]*)?/?>|<!--.*?-->", re.S)
+_ENTITY = re.compile(r"&(?:#\d{1,7}|#x[0-9a-f]{1,6}|[a-z][a-z0-9]{1,31});", re.IGNORECASE)
+_TAG = re.compile(r"</?[a-zA-Z][a-zA-Z0-9:-]*(?:\s+[^<>]*)?/?>|<!--.*?-->", re.DOTALL)
 
 
 def fix_text(text: str) -> str:
@@ -488,7 +488,7 @@ def code_language(pre: Tag) -> str:
         if el.get("data-lang"):
             return str(el["data-lang"]).lower()
         for c in el.get("class") or []:
-            m = re.match(r"^(?:language|lang|highlight|brush)[-:](.+)$", c, re.I)
+            m = re.match(r"^(?:language|lang|highlight|brush)[-:](.+)$", c, re.IGNORECASE)
             if m:
                 return m.group(1).lower()
     return ""
@@ -539,7 +539,7 @@ def join_blocks(blocks: list[str]) -> str:
     return text
 
 
-_DUR = re.compile(r"^P(?:(\d+)D)?(?:T(?:(\d+)H)?(?:(\d+)M)?(?:(\d+)S)?)?$", re.I)
+_DUR = re.compile(r"^P(?:(\d+)D)?(?:T(?:(\d+)H)?(?:(\d+)M)?(?:(\d+)S)?)?$", re.IGNORECASE)
 
 
 def human_duration(value: Any) -> str:

@@ -14,8 +14,18 @@ from collections.abc import Callable
 from typing import Any
 
 from scrapers import additives, articles, code, products, recipes
-from scrapers.common import (ParseReject, Page, Parsed, decode_body, doc_id, drop_boilerplate, fix_text, looks_binary,
-                             make_page, to_json)
+from scrapers.common import (
+    Page,
+    Parsed,
+    ParseReject,
+    decode_body,
+    doc_id,
+    drop_boilerplate,
+    fix_text,
+    looks_binary,
+    make_page,
+    to_json,
+)
 from scrapers.dataset_import import RECORD_TYPE
 
 log = logging.getLogger("tasks.extract")
@@ -82,7 +92,7 @@ def extract_page(row: dict[str, Any], min_text_chars: int) -> tuple[dict[str, An
     }, None
 
 
-_FENCE = re.compile(r"(```[^\n]*\n.*?\n```)", re.S)
+_FENCE = re.compile(r"(```[^\n]*\n.*?\n```)", re.DOTALL)
 
 
 def _fix_fields(v: Any) -> Any:

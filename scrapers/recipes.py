@@ -14,8 +14,18 @@ from __future__ import annotations
 import re
 from typing import Any
 
-from scrapers.common import (ParseReject, Page, Parsed, as_list, clean, human_duration, join_blocks, main_node,
-                             reject_navigation, tree_title)
+from scrapers.common import (
+    Page,
+    Parsed,
+    ParseReject,
+    as_list,
+    clean,
+    human_duration,
+    join_blocks,
+    main_node,
+    reject_navigation,
+    tree_title,
+)
 
 _NUTRIENT_NAMES = {"calories": "Energy", "servingSize": "Serving size"}
 
@@ -59,7 +69,7 @@ def _richer(html: list[str], schema: list[str]) -> bool:
     """The page's own ingredient list says more than the markup (quantities the markup left out)."""
     if not html or not schema or not 0.8 * len(schema) <= len(html) <= 2 * len(schema):
         return False
-    digits = lambda xs: sum(c.isdigit() for x in xs for c in x)  # noqa: E731
+    digits = lambda xs: sum(c.isdigit() for x in xs for c in x)
     return digits(html) > digits(schema) and sum(map(len, html)) > sum(map(len, schema))
 
 
@@ -95,10 +105,10 @@ def _from_schema(item: dict[str, Any]) -> dict[str, Any]:
 
 _LOWER = "translate(concat(@class, ' ', @id, ' ', @itemprop), 'ABCDEFGHIJKLMNOPQRSTUVWXYZ', 'abcdefghijklmnopqrstuvwxyz')"
 _ING_HEAD = re.compile(r"^(?:ingredients?|zutaten|ingrédients|ingredientes|ingredienti|składniki|ingrediënten|ingredienser|"
-                       r"ainekset|suroviny|hozzávalók|malzemeler|ингредиенты|材料|what you(?:'ll)? need)\b.{0,40}$", re.I)
+                       r"ainekset|suroviny|hozzávalók|malzemeler|ингредиенты|材料|what you(?:'ll)? need)\b.{0,40}$", re.IGNORECASE)
 _STEP_HEAD = re.compile(r"^(?:method|instructions?|directions?|steps?|preparation|how to make.{0,40}|zubereitung|"
                         r"anleitung|préparation|preparación|preparazione|procedimento|przygotowanie|bereiding|"
-                        r"fremgangsmåde|valmistus|postup|elkészítés|yapılışı|приготовление|做法)\s*:?$", re.I)
+                        r"fremgangsmåde|valmistus|postup|elkészítés|yapılışı|приготовление|做法)\s*:?$", re.IGNORECASE)
 
 
 def _text(el: Any) -> str:

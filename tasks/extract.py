@@ -35,8 +35,20 @@ from prefect import task
 
 from scrapers.common import path_query
 from scrapers.extract_page import PARSERS, TEXT_TYPES, extract_batch, extract_page  # noqa: F401 - re-exported
-from tasks.config import CATEGORIES, PipelineConfig, config_from_dict, dump_resolved, load_config
-from tasks.manifest import Stage, code_fingerprint, fingerprint, read_manifest, require_manifest
+from tasks.config import (
+    CATEGORIES,
+    PipelineConfig,
+    config_from_dict,
+    dump_resolved,
+    load_config,
+)
+from tasks.manifest import (
+    Stage,
+    code_fingerprint,
+    fingerprint,
+    read_manifest,
+    require_manifest,
+)
 
 log = logging.getLogger("tasks.extract")
 

@@ -47,9 +47,10 @@ def test_rescrape_parses_only_new_and_changed_pages(tmp_path: Path, monkeypatch:
 
 
 def test_config_change_parses_everything_again(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import yaml
+
     from tasks.config import PipelineConfig
     from tasks.extract import run_extract
-    import yaml
 
     site = write_site(tmp_path / "site", {"recipes/index.html": index(["a.html"]), "recipes/a.html": FALLBACK_RECIPE})
     root, _ = crawl_and_extract(tmp_path, site)

@@ -12,8 +12,8 @@ import pytest
 from scrapers.extract_page import extract_page
 
 PAGES = Path(__file__).parent / "pages" / "extract"
-ENTITY = re.compile(r"&(?:#\d{1,7}|#x[0-9a-f]{1,6}|[a-z][a-z0-9]{1,31});", re.I)
-MARKUP = re.compile(r"</?[a-z][a-z0-9]*(?:\s[^<>]*)?/?>", re.I)
+ENTITY = re.compile(r"&(?:#\d{1,7}|#x[0-9a-f]{1,6}|[a-z][a-z0-9]{1,31});", re.IGNORECASE)
+MARKUP = re.compile(r"</?[a-z][a-z0-9]*(?:\s[^<>]*)?/?>", re.IGNORECASE)
 BOILERPLATE = re.compile(r"(?i)cookie|newsletter|share on|leave a reply|email address will not|nutzung eines buttons")
 
 
@@ -82,7 +82,7 @@ def test_graph_nested_recipe_howtosection_and_string_ingredients() -> None:
 
 
 def test_microdata_only_with_ingredient_groups() -> None:
-    d, f = doc("microdata_groups.html", "recipes")
+    _d, f = doc("microdata_groups.html", "recipes")
     assert f["source_format"] == "schema.org" and f["title"] == "Pad Thai"
     assert f["ingredients"] == ["3 tbsp fish sauce", "2 tbsp tamarind paste", "200 g rice noodles", "2 eggs"]
     assert len(f["steps"]) == 2
@@ -101,7 +101,7 @@ def test_consent_share_newsletter_comment_form_removed_from_articles() -> None:
 
 
 def test_products_from_microdata_and_rdfa() -> None:
-    d, f = doc("product_microdata.html", "product_compositions")
+    _d, f = doc("product_microdata.html", "product_compositions")
     assert f["has_schema"] and f["name"] == "Oat Crunch & Honey" and f["brand"] == "Crunch Co"
     assert f["ingredients"].startswith("oats (60%), honey, almonds & sunflower oil")
     assert f["nutrition"]["Fat"] == "18 g"
@@ -110,7 +110,7 @@ def test_products_from_microdata_and_rdfa() -> None:
 
 
 def test_additive_from_text_lines() -> None:
-    d, f = doc("additive_text.html", "chemical_additives")
+    _d, f = doc("additive_text.html", "chemical_additives")
     assert f["e_number"] == "E330" and f["function"] == "Acidity regulator & antioxidant"
 
 
