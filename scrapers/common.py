@@ -34,7 +34,7 @@ def doc_id(source_id: str, url: str) -> str:
 
 
 # ----------------------------------------------------------------------------------- charset
-_META_CHARSET = re.compile(rb"""<meta[^>]+charset\s*=\s*["']?\s*([A-Za-z0-9_.:-]+)""", re.I)
+_META_CHARSET = re.compile(rb"""<meta[^>]+charset\s*=\s*["']?\s*([A-Za-z0-9_.:-]+)""", re.IGNORECASE)
 _BOMS = ((codecs.BOM_UTF8, "utf-8"), (codecs.BOM_UTF16_LE, "utf-16"), (codecs.BOM_UTF16_BE, "utf-16"))
 # WHATWG: pages labelled latin-1/ascii are decoded as windows-1252 by every browser.
 _ALIASES = {"iso-8859-1": "cp1252", "latin-1": "cp1252", "latin1": "cp1252", "l1": "cp1252",
@@ -44,7 +44,7 @@ _ALIASES = {"iso-8859-1": "cp1252", "latin-1": "cp1252", "latin1": "cp1252", "l1
 def charset_from_content_type(content_type: str | None) -> str | None:
     if not content_type:
         return None
-    m = re.search(r"charset\s*=\s*[\"']?([A-Za-z0-9_.:-]+)", content_type, re.I)
+    m = re.search(r"charset\s*=\s*[\"']?([A-Za-z0-9_.:-]+)", content_type, re.IGNORECASE)
     return m.group(1) if m else None
 
 
@@ -98,12 +98,13 @@ def decode_body(body: bytes, content_type: str | None = None) -> tuple[str, str]
 
 
 # ------------------------------------------------------------------------------ parsing helpers
-import json  # noqa: E402 - helpers for the category parsers below
-import logging  # noqa: E402
-from dataclasses import dataclass, field  # noqa: E402
-from typing import Any  # noqa: E402
+import html as html_lib
+import json
+import logging
+from dataclasses import dataclass, field
+from typing import Any
 
-from bs4 import BeautifulSoup, Tag  # noqa: E402
+from bs4 import BeautifulSoup, Tag
 
 _log = logging.getLogger("scrapers.parse")
 
@@ -126,21 +127,31 @@ class ParseReject(Exception):
         self.detail = detail
 
 
-@dataclass
 class Page:
-    """What a parser receives: the decoded HTML, its URL, a soup, and the structured data on it."""
+    """What a parser receives: the decoded HTML, its URL, one lxml tree, and the structured data on it.
 
-    url: str
-    html: str
-    soup: BeautifulSoup
-    license: str | None = None
-    _items: list[dict[str, Any]] | None = None
+    The HTML is parsed once (lxml); structured data and trafilatura read that tree. A BeautifulSoup view
+    is built only for the parsers that still walk one (products, additives, code), on first use.
+    """
+
+    def __init__(self, url: str, html: str, license: str | None = None) -> None:
+        self.url, self.html, self.license = url, html, license
+        self.tree = parse_tree(html)
+        self._soup: BeautifulSoup | None = None
+        self._items: list[dict[str, Any]] | None = None
+        self._main_text: str | None = None
+
+    @property
+    def soup(self) -> BeautifulSoup:
+        if self._soup is None:
+            self._soup = BeautifulSoup(self.html, "lxml")
+        return self._soup
 
     @property
     def items(self) -> list[dict[str, Any]]:
-        """schema.org items from JSON-LD and microdata (extruct, uniform), flattened (@graph, lists)."""
+        """schema.org items from JSON-LD, microdata and RDFa, flattened (@graph, lists, nested items)."""
         if self._items is None:
-            self._items = structured_items(self.html, self.url)
+            self._items = structured_items(self.tree, self.url, self.html)
         return self._items
 
     def of_type(self, *types: str) -> list[dict[str, Any]]:
@@ -149,42 +160,193 @@ class Page:
         for it in self.items:
             t = it.get("@type")
             ts = t if isinstance(t, list) else [t]
-            if any(isinstance(x, str) and x.split("/")[-1].lower() in wanted for x in ts):
+            if any(isinstance(x, str) and x.split("/")[-1].split("#")[-1].lower() in wanted for x in ts):
                 out.append(it)
         return out
 
+    def main_text(self) -> str:
+        """The page's main text by trafilatura (tables kept, comments and boilerplate dropped), cleaned."""
+        if self._main_text is None:
+            self._main_text = main_text(self.tree, self.url)
+        return self._main_text
+
 
 def make_page(url: str, html: str, license: str | None = None) -> Page:
-    return Page(url=url, html=html, soup=BeautifulSoup(html, "lxml"), license=license)
+    return Page(url, html, license)
 
 
-def structured_items(html: str, url: str) -> list[dict[str, Any]]:
-    import extruct
+_XML_DECL = re.compile(r"^\s*<\?xml[^>]*>", re.IGNORECASE)
 
+
+def parse_tree(html: str) -> Any:
+    """lxml tree of a decoded page (an XML declaration with an encoding would make lxml refuse the str)."""
+    import lxml.html
+
+    html = _XML_DECL.sub("", html, count=1)
     try:
-        data = extruct.extract(html, base_url=url, syntaxes=["json-ld", "microdata"], uniform=True)
-    except Exception as e:  # noqa: BLE001 - malformed JSON-LD/markup: fall back to the HTML itself
-        _log.debug("%s: structured data unreadable (%s); falling back to HTML", url, e)
-        data = {}
-        try:  # one broken JSON-LD block must not hide valid microdata
-            data = extruct.extract(html, base_url=url, syntaxes=["microdata"], uniform=True)
-        except Exception:  # noqa: BLE001
-            pass
+        tree = lxml.html.fromstring(html.encode("utf-8", "replace"),
+                                    parser=lxml.html.HTMLParser(encoding="utf-8", remove_comments=True))
+    except Exception:  # noqa: BLE001 - empty or hopeless markup: an empty document, the parser decides
+        tree = lxml.html.fromstring("<html><body></body></html>")
+    return tree
+
+
+def main_text(tree: Any, url: str) -> str:
+    import trafilatura
+
+    try:  # trafilatura copies a tree it is given, so the shared tree stays intact
+        text = trafilatura.extract(tree, url=url, include_comments=False, include_tables=True,
+                                   include_formatting=False, include_links=False, include_images=False,
+                                   deduplicate=False) or ""
+    except Exception:  # noqa: BLE001 - trafilatura on hostile markup: the caller falls back
+        text = ""
+    return drop_boilerplate(fix_text(text))
+
+
+def _read_jsonld(raw: str) -> Any:
+    raw = raw.strip()
+    for attempt in range(3):
+        try:
+            return json.loads(raw, strict=False)
+        except json.JSONDecodeError:
+            if attempt == 0:  # CMS wrappers: <!-- -->, //<![CDATA[ ... //]]>
+                raw = re.sub(r"^\s*(?://)?\s*(?:<!--|<!\[CDATA\[)|(?://)?\s*(?:-->|\]\]>)\s*$", "", raw).strip()
+            elif attempt == 1:  # trailing commas
+                raw = re.sub(r",\s*([}\]])", r"\1", raw)
+    return None
+
+
+def _rdfa_plain(v: Any) -> Any:
+    """RDFa items as extruct gives them ({"https://schema.org/name": [{"@value": x}]}) in JSON-LD's shape."""
+    if isinstance(v, list):
+        vs = [_rdfa_plain(x) for x in v]
+        return vs[0] if len(vs) == 1 else vs
+    if isinstance(v, dict):
+        if set(v) == {"@value"} or (set(v) <= {"@value", "@language", "@type"} and "@value" in v):
+            return v["@value"]
+        out = {k.rsplit("/", 1)[-1].split("#")[-1] if k.startswith("http") else k: _rdfa_plain(x) for k, x in v.items()}
+        if isinstance(out.get("@type"), list) and len(out["@type"]) == 1:
+            out["@type"] = out["@type"][0]
+        return out
+    return v
+
+
+def structured_items(tree: Any, url: str, html: str | None = None) -> list[dict[str, Any]]:
+    """Every typed schema.org item on the page: JSON-LD (each block on its own, so one broken block hides
+    nothing else), then microdata and RDFa (extruct, on the same tree) only when the page has such markup."""
+    data: list[Any] = []
+    for script in tree.xpath('//script[contains(translate(@type, "LDJSON", "ldjson"), "ld+json")]'):
+        obj = _read_jsonld(script.text or "")
+        if obj is not None:
+            data.append(obj)
+        else:
+            _log.debug("%s: a JSON-LD block is unreadable; skipped", url)
+    syntaxes = [x for x, probe in (("microdata", "//*[@itemscope]"), ("rdfa", "//*[@typeof]")) if tree.xpath(probe)]
+    if syntaxes:
+        import extruct
+
+        for syntax in syntaxes:
+            try:
+                # RDFa needs extruct's own DOM-flavoured parse of the string; microdata reads the shared tree
+                src = html if syntax == "rdfa" and html is not None else tree
+                got = extruct.extract(src, base_url=url, syntaxes=[syntax], uniform=True)
+                data.extend(_rdfa_plain(x) for x in got.get(syntax, [])) if syntax == "rdfa" else \
+                    data.extend(got.get(syntax, []))
+            except Exception as e:  # noqa: BLE001 - malformed markup: the HTML is still read
+                _log.debug("%s: %s unreadable (%s)", url, syntax, e)
     out: list[dict[str, Any]] = []
 
-    def walk(obj: Any) -> None:
+    def walk(obj: Any, depth: int = 0) -> None:
+        if depth > 12:
+            return
         if isinstance(obj, list):
             for o in obj:
-                walk(o)
+                walk(o, depth + 1)
         elif isinstance(obj, dict):
-            if "@graph" in obj:
-                walk(obj["@graph"])
             if "@type" in obj:
                 out.append(obj)
+            for k, v in obj.items():  # @graph, mainEntity, nested items (a Recipe inside a WebPage)
+                if isinstance(v, (dict, list)) and k not in ("@context",):
+                    walk(v, depth + 1)
 
-    for syntax in ("json-ld", "microdata"):
-        walk(data.get(syntax, []))
+    walk(data)
     return out
+
+
+# ------------------------------------------------------------------------ text hygiene
+# An entity left after parsing means the source escaped twice (JSON-LD strings are never HTML-decoded,
+# and "&amp;amp;" decodes to "&amp;"): decode until none is left (bounded), then drop markup fragments.
+_ENTITY = re.compile(r"&(?:#\d{1,7}|#x[0-9a-f]{1,6}|[a-z][a-z0-9]{1,31});", re.IGNORECASE)
+_TAG = re.compile(r"</?[a-zA-Z][a-zA-Z0-9:-]*(?:\s+[^<>]*)?/?>|<!--.*?-->", re.DOTALL)
+
+
+def fix_text(text: str) -> str:
+    """Decode HTML entities (also double-escaped ones) and remove markup fragments from a text value."""
+    if "&" in text:
+        for _ in range(3):
+            if not _ENTITY.search(text):
+                break
+            text = html_lib.unescape(text)
+    if "<" in text:
+        text = _TAG.sub(" ", text)
+    return text.replace("\u00ad", "").replace("\ufeff", "")
+
+
+# Lines that are consent, cookie, newsletter, share, comment-form or "read also" furniture, in the
+# languages of the corpora we measured on. A line is dropped only when it is short (furniture is).
+_BOILERPLATE = re.compile(r"""(?ix)
+    \b(?:we\ use\ cookies|(?:this|our)\ (?:web)?site\ uses\ cookies|cookie\ (?:policy|settings|preferences|consent|notice)
+    |accept\ (?:all\ )?cookies|(?:manage|change)\ (?:your\ )?(?:cookie|consent|privacy)\ (?:settings|preferences|choices)
+    |by\ (?:continuing|clicking|using)\ .{0,40}(?:agree|consent|accept)|privacy\ (?:policy|settings)\ and\ cookie
+    |(?:sign\ up|subscribe)\ (?:for|to)\ (?:our|the|my)\ (?:free\ )?(?:newsletter|mailing\ list|emails?)
+    |(?:join|get)\ (?:our|the)\ newsletter|never\ miss\ a\ (?:recipe|post|story)|delivered\ (?:straight\ )?to\ your\ inbox
+    |share\ (?:this|on)\ (?:facebook|twitter|pinterest|whatsapp|email|recipe|article|post|page)
+    |(?:pin|save)\ (?:it|this\ recipe)\ (?:on|to|for\ later)|click\ to\ share|share\ via
+    |leave\ a\ (?:comment|reply)|your\ email\ address\ will\ not\ be\ published|required\ fields\ are\ marked
+    |save\ my\ name,?\ email|notify\ me\ of\ (?:follow-up|new)\ (?:comments|posts)|you\ must\ be\ logged\ in\ to
+    |this\ site\ uses\ akismet|log\ in\ to\ (?:leave|post)\ a\ comment|if\ you\ enjoyed\ reading\ this
+    |durch\ die\ nutzung\ eines\ buttons|wir\ verwenden\ cookies|diese\ (?:web)?seite\ verwendet\ cookies
+    |cookie-einstellungen|datenschutzeinstellungen|zum\ newsletter\ anmelden|newsletter\ abonnieren
+    |melde\ dich\ .{0,40}newsletter|um\ kommentare\ zu\ schreiben|kommentar\ (?:schreiben|verfassen|hinterlassen)
+    |sie\ sind\ aktuell\ nicht\ eingeloggt|klicken\ sie\ auf\ den\ .{0,30}button,?\ um\ den\ inhalt
+    |inhalt\ von\ .{0,40}\ (?:zu\ )?laden|nous\ utilisons\ des\ cookies|ce\ site\ utilise\ des\ cookies
+    |utilizamos\ cookies|este\ sitio\ (?:web\ )?utiliza\ cookies|utilizziamo\ i?\ ?cookie|używamy\ (?:plików\ )?cookies
+    |pour\ (?:lire\ la\ suite|accéder\ en\ illimité)|abonnez-vous\ à\ (?:notre|la)\ newsletter|suscr[ií]bete\ a
+    |síguenos\ en|siguenos\ en|folge\ uns\ auf|follow\ us\ on)""")
+# "Read also:"-style headings: the line, and the short teaser lines that follow it, are other articles
+_READ_ALSO = re.compile(r"""(?ix)^\s*(?:
+    (?:lesen\ sie\ (?:auch|mehr)|auch\ (?:lesen|interessant)|das\ könnte\ (?:sie|dich)\ (?:auch\ )?interessieren
+    |das\ thema\ könnte\ (?:sie|dich)\ auch\ interessieren|schon\ gelesen|mehr\ (?:zum\ thema|themen)|weitere\ artikel
+    |empfohlene\ beiträge|weitere\ aktuelle\ themen|related\ (?:posts|articles|stories|recipes)|you\ (?:may|might)\ also\ like
+    |read\ (?:also|more|next)|see\ also|more\ from|czytaj\ (?:też|także|więcej)|zobacz\ (?:też|także)
+    |le\ puede\ interesar|puedes\ ver|lee\ también|lire\ aussi|à\ lire\ aussi|leggi\ anche)\b[^.!]{0,60}[:?!]?\s*$)""")
+# one-line furniture: button labels that trafilatura keeps as text
+_FURNITURE = re.compile(r"""(?ix)^\s*(?:share|share\ this(?:\ recipe|\ article|\ post)?|teilen(?:\ mit)?|bewerten|tweet|pin\ (?:it|this)
+    |print(?:\ recipe)?|jump\ to\ recipe|wird\ geladen|loading|bild\ anzeigen|email|facebook|twitter|pinterest|whatsapp
+    |reddit|linkedin|flipboard|yummly|mix)\s*[.:…]*\s*$""")
+
+
+def drop_boilerplate(text: str) -> str:
+    """Remove consent/cookie/newsletter/share/comment-form lines and 'read also' teaser blocks."""
+    if not text:
+        return text
+    out: list[str] = []
+    teaser = False
+    for line in text.split("\n"):
+        s = line.strip()
+        if teaser:  # teaser titles after a "read also" heading: short lines without a full stop
+            if s and len(s) <= 120 and not s.endswith((".", ":")) and not s.startswith(("- ", "* ")):
+                continue
+            teaser = False
+        if _READ_ALSO.match(s):
+            teaser = True
+            continue
+        if _FURNITURE.match(s):
+            continue
+        if s and len(s) <= 300 and _BOILERPLATE.search(s):
+            continue
+        out.append(line)
+    return "\n".join(out).strip()
 
 
 _WS = re.compile(r"[ \t\r\f\v\u00a0]+")
@@ -198,7 +360,7 @@ def clean(text: Any) -> str:
         text = text.get("name") or text.get("text") or text.get("@value") or ""
     if isinstance(text, list):
         text = ", ".join(clean(t) for t in text)
-    text = _WS.sub(" ", str(text))
+    text = _WS.sub(" ", fix_text(str(text)))
     text = re.sub(r" *\n[ \n]*", "\n", text)
     return text.strip()
 
@@ -240,21 +402,58 @@ def find_marked(root: Tag, *words: str, names: tuple[str, ...] | None = None) ->
     return [el for el in root.find_all(names or True) if isinstance(el, Tag) and has_class(el, *words)]
 
 
-def nav_ratio(root: Tag) -> float:
+def main_node(tree: Any) -> Any:
+    """lxml: <main>, else role=main, else the largest <article>, else <body>."""
+    found = tree.xpath("//main | //*[@role='main']")
+    if found:
+        return found[0]
+    arts = tree.xpath("//article")
+    if arts:
+        return max(arts, key=lambda a: len(a.text_content()))
+    body = tree.find(".//body")
+    return body if body is not None else tree
+
+
+def nav_ratio(root: Any) -> float:
     """Share of the text in list items that start with a link: high on index and navigation pages."""
-    total = len(root.get_text(" ", strip=True)) or 1
+    if isinstance(root, Tag):  # a BeautifulSoup element (parsers that still walk soup)
+        total = len(root.get_text(" ", strip=True)) or 1
+        linked = 0
+        for li in root.find_all("li"):
+            first = next((c for c in li.children if not (isinstance(c, str) and not c.strip())), None)
+            if isinstance(first, Tag) and first.name == "a":
+                linked += len(li.get_text(" ", strip=True))
+        return linked / total
+    total = len(" ".join(root.text_content().split())) or 1
     linked = 0
-    for li in root.find_all("li"):
-        first = next((c for c in li.children if not (isinstance(c, str) and not c.strip())), None)
-        if isinstance(first, Tag) and first.name == "a":
-            linked += len(li.get_text(" ", strip=True))
+    for li in root.iter("li"):
+        if (li.text or "").strip():
+            continue
+        kids = [k for k in li if isinstance(k.tag, str)]
+        if kids and kids[0].tag == "a":
+            linked += len(" ".join(li.text_content().split()))
     return linked / total
 
 
 def reject_navigation(page: Page, threshold: float = 0.6) -> None:
-    ratio = nav_ratio(main_element(page.soup))
+    ratio = nav_ratio(main_node(page.tree))
     if ratio >= threshold:
         raise ParseReject("navigation_page", f"{ratio:.0%} of the main text is linked list items")
+
+
+def tree_title(page: Page, *candidates: Any) -> str:
+    """First non-empty candidate, else og:title, the first <h1>, the <title> before ' | '."""
+    for c in candidates:
+        if clean(c):
+            return clean(c)
+    t = page.tree
+    for xp in ("//meta[@property='og:title']/@content", "//h1"):
+        for v in t.xpath(xp)[:1]:
+            v = clean(v if isinstance(v, str) else v.text_content())
+            if v:
+                return v
+    title = t.find(".//title")
+    return clean(title.text_content()).split(" | ")[0] if title is not None else ""
 
 
 def table_rows(table: Tag) -> list[list[str]]:
@@ -272,7 +471,7 @@ def code_language(pre: Tag) -> str:
         if el.get("data-lang"):
             return str(el["data-lang"]).lower()
         for c in el.get("class") or []:
-            m = re.match(r"^(?:language|lang|highlight|brush)[-:](.+)$", c, re.I)
+            m = re.match(r"^(?:language|lang|highlight|brush)[-:](.+)$", c, re.IGNORECASE)
             if m:
                 return m.group(1).lower()
     return ""
@@ -323,7 +522,7 @@ def join_blocks(blocks: list[str]) -> str:
     return text
 
 
-_DUR = re.compile(r"^P(?:(\d+)D)?(?:T(?:(\d+)H)?(?:(\d+)M)?(?:(\d+)S)?)?$", re.I)
+_DUR = re.compile(r"^P(?:(\d+)D)?(?:T(?:(\d+)H)?(?:(\d+)M)?(?:(\d+)S)?)?$", re.IGNORECASE)
 
 
 def human_duration(value: Any) -> str:

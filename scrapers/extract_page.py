@@ -9,11 +9,23 @@ from __future__ import annotations
 
 import json
 import logging
+import re
 from collections.abc import Callable
 from typing import Any
 
 from scrapers import additives, articles, code, products, recipes
-from scrapers.common import Page, Parsed, ParseReject, decode_body, doc_id, looks_binary, make_page, to_json
+from scrapers.common import (
+    Page,
+    Parsed,
+    ParseReject,
+    decode_body,
+    doc_id,
+    drop_boilerplate,
+    fix_text,
+    looks_binary,
+    make_page,
+    to_json,
+)
 from scrapers.dataset_import import RECORD_TYPE
 
 log = logging.getLogger("tasks.extract")
@@ -36,7 +48,8 @@ def extract_page(row: dict[str, Any], min_text_chars: int) -> tuple[dict[str, An
 
     def reject(reason: str, detail: str) -> tuple[None, dict[str, Any]]:
         return None, {"url": url, "category": category, "reason": reason, "detail": detail,
-                      "source_id": row.get("source_id"), "sha256": row.get("sha256")}
+                      "source_id": row.get("source_id"), "sha256": row.get("sha256"),
+                      "final_url": row.get("final_url") or url, "license": row.get("license")}
 
     ctype = (row.get("content_type") or "").split(";")[0].strip().lower()
     if not body.strip():
@@ -64,6 +77,7 @@ def extract_page(row: dict[str, Any], min_text_chars: int) -> tuple[dict[str, An
     except Exception as e:  # noqa: BLE001 - a parser bug on one page is a counted reject, not a crash
         log.warning("%s: unparseable (%s: %s)", url, type(e).__name__, e)
         return reject("unparseable", f"{type(e).__name__}: {e}")
+    parsed = sanitize(parsed)
     text = parsed.text.strip()
     if not text:
         return reject("empty", "no text extracted")
@@ -76,6 +90,29 @@ def extract_page(row: dict[str, Any], min_text_chars: int) -> tuple[dict[str, An
         "category": category, "license": row.get("license"), "title": parsed.title, "text": text,
         "fields": to_json(fields),
     }, None
+
+
+_FENCE = re.compile(r"(```[^\n]*\n.*?\n```)", re.DOTALL)
+
+
+def _fix_fields(v: Any) -> Any:
+    if isinstance(v, str):
+        return drop_boilerplate(fix_text(v)).strip()
+    if isinstance(v, list):
+        return [_fix_fields(x) for x in v]
+    if isinstance(v, dict):
+        return {k: _fix_fields(x) for k, x in v.items()}
+    return v
+
+
+def sanitize(parsed: Parsed) -> Parsed:
+    """The last word on every category's output: no HTML entity or markup fragment in the title, text or a
+    field, and no consent/cookie/newsletter/share/comment-form line in the text. Fenced code is left as is
+    (code may hold '&amp;' or '<div>' on purpose)."""
+    parts = _FENCE.split(parsed.text)
+    text = "".join(p if p.startswith("```") else drop_boilerplate(fix_text(p)) if p.strip() else p for p in parts)
+    fields = {k: (v if k == "notes" and "```" in str(v) else _fix_fields(v)) for k, v in parsed.fields.items()}
+    return Parsed(title=" ".join(fix_text(parsed.title).split()), text=text, fields=fields)
 
 
 def _extract_record(row: dict[str, Any], body: bytes, min_text_chars: int,

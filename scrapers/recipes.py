@@ -1,8 +1,12 @@
-"""Recipes: schema.org Recipe (JSON-LD or microdata via extruct), BeautifulSoup fallback.
+"""Recipes: schema.org Recipe (JSON-LD, microdata or RDFa), else lists read from the HTML, else the page's text.
 
 Training text layout:
     Title / description / "Serves ..., Prep ..., Cook ..." / Ingredients: - ... / Steps: 1. ... /
-    Nutrition (per ...): ... / remaining prose of the page (intro, notes).
+    Nutrition (per ...): ... / the rest of the page's main text (intro, notes, ingredient groups the
+    markup flattened), without what is already above.
+
+A page without any recipe structure is kept as text (``source_format: text``, ``structured: false``);
+only pages that are clearly not content (navigation, index, empty) are rejected.
 """
 
 from __future__ import annotations
@@ -16,15 +20,11 @@ from scrapers.common import (
     ParseReject,
     as_list,
     clean,
-    find_marked,
     human_duration,
     join_blocks,
-    main_element,
-    node_text,
-    page_title,
+    main_node,
     reject_navigation,
-    render_blocks,
-    table_rows,
+    tree_title,
 )
 
 _NUTRIENT_NAMES = {"calories": "Energy", "servingSize": "Serving size"}
@@ -39,13 +39,38 @@ def _instructions(value: Any) -> list[str]:
             parts = [p for p in re.split(r"\n+|(?:^|\s)\d+[.)]\s+", item) if clean(p)]
             steps.extend(clean(p) for p in parts)
         elif isinstance(item, dict):
-            if item.get("itemListElement"):
+            if item.get("itemListElement"):  # HowToSection: its name, then its steps
+                name = clean(item.get("name"))
+                if name:
+                    steps.append(name + ":")
                 steps.extend(_instructions(item["itemListElement"]))
             else:
                 t = clean(item.get("text") or item.get("name"))
                 if t:
                     steps.append(t)
     return steps
+
+
+_FLOAT_ZERO = re.compile(r"\b(\d+)\.0\b")
+
+
+def _ingredient_lines(value: Any) -> list[str]:
+    """recipeIngredient: a list, or one string with a line per ingredient; '500.0 g' written as '500 g'."""
+    out = []
+    for i in as_list(value):
+        for line in (i.split("\n") if isinstance(i, str) else [i]):
+            line = _FLOAT_ZERO.sub(r"\1", clean(line))
+            if line:
+                out.append(line)
+    return out
+
+
+def _richer(html: list[str], schema: list[str]) -> bool:
+    """The page's own ingredient list says more than the markup (quantities the markup left out)."""
+    if not html or not schema or not 0.8 * len(schema) <= len(html) <= 2 * len(schema):
+        return False
+    digits = lambda xs: sum(c.isdigit() for x in xs for c in x)
+    return digits(html) > digits(schema) and sum(map(len, html)) > sum(map(len, schema))
 
 
 def _nutrient_label(key: str) -> str:
@@ -72,55 +97,118 @@ def _from_schema(item: dict[str, Any]) -> dict[str, Any]:
         "total_time": human_duration(item.get("totalTime")),
         "cuisine": clean(item.get("recipeCuisine")),
         "category": clean(item.get("recipeCategory")),
-        "ingredients": [clean(i) for i in as_list(item.get("recipeIngredient") or item.get("ingredients"))
-                        if clean(i)],
+        "ingredients": _ingredient_lines(item.get("recipeIngredient") or item.get("ingredients")),
         "steps": _instructions(item.get("recipeInstructions")),
         "nutrition": _nutrition(item.get("nutrition")),
     }
 
 
+_LOWER = "translate(concat(@class, ' ', @id, ' ', @itemprop), 'ABCDEFGHIJKLMNOPQRSTUVWXYZ', 'abcdefghijklmnopqrstuvwxyz')"
+_ING_HEAD = re.compile(r"^(?:ingredients?|zutaten|ingrédients|ingredientes|ingredienti|składniki|ingrediënten|ingredienser|"
+                       r"ainekset|suroviny|hozzávalók|malzemeler|ингредиенты|材料|what you(?:'ll)? need)\b.{0,40}$", re.IGNORECASE)
+_STEP_HEAD = re.compile(r"^(?:method|instructions?|directions?|steps?|preparation|how to make.{0,40}|zubereitung|"
+                        r"anleitung|préparation|preparación|preparazione|procedimento|przygotowanie|bereiding|"
+                        r"fremgangsmåde|valmistus|postup|elkészítés|yapılışı|приготовление|做法)\s*:?$", re.IGNORECASE)
+
+
+def _text(el: Any) -> str:
+    return clean(" ".join(el.text_content().split()))
+
+
+def _marked(root: Any, words: tuple[str, ...]) -> list[Any]:
+    cond = " or ".join(f"contains({_LOWER}, '{w}')" for w in words)
+    return root.xpath(f".//*[self::ul or self::ol or self::div or self::section or self::table][{cond}]")
+
+
+def _items_of(el: Any) -> list[str]:
+    lis = el.xpath(".//li")
+    if lis:
+        return [t for t in (_text(li) for li in lis) if t]
+    ps = el.xpath(".//p")
+    return [t for t in (_text(p) for p in ps) if t] or ([_text(el)] if _text(el) else [])
+
+
+def _under_heading(root: Any, pattern: re.Pattern[str]) -> list[str]:
+    """Items of the lists that follow a heading such as 'Ingredients' (up to the next heading)."""
+    out: list[str] = []
+    for h in root.xpath(".//*[self::h1 or self::h2 or self::h3 or self::h4 or self::h5 or self::strong or self::b]"):
+        if not pattern.match(_text(h).rstrip(":")):
+            continue
+        node = h if h.getparent() is None or h.tag not in ("strong", "b") else h.getparent()
+        for sib in node.itersiblings():
+            if not isinstance(sib.tag, str):
+                continue
+            if sib.tag in ("h1", "h2", "h3", "h4", "h5") and not (_ING_HEAD.match(_text(sib)) and pattern is _ING_HEAD):
+                break
+            if sib.tag in ("ul", "ol"):
+                out.extend(_items_of(sib))
+            elif sib.tag in ("h3", "h4", "h5"):  # a group heading inside the section
+                out.append(_text(sib).rstrip(":") + ":")
+            elif sib.xpath(".//li"):
+                out.extend(_items_of(sib))
+    return out
+
+
 def _from_html(page: Page) -> dict[str, Any]:
-    """Fallback for pages without Recipe data: lists marked 'ingredient' and 'instruction/step/method'."""
-    main = main_element(page.soup)
+    """Pages without Recipe data: lists marked 'ingredient' / 'instruction|step|method|direction', or the
+    lists under an 'Ingredients' / 'Method' heading."""
+    main = main_node(page.tree)
     ingredients: list[str] = []
-    for el in find_marked(main, "ingredient", names=("ul", "ol", "div", "section")):
-        items = [node_text(li) for li in el.find_all("li")] or [node_text(el)]
-        ingredients.extend(i for i in items if i)
+    for el in _marked(main, ("ingredient", "zutat")):
+        ingredients.extend(_items_of(el))
+    if not ingredients:
+        ingredients = _under_heading(main, _ING_HEAD)
     steps: list[str] = []
-    for el in find_marked(main, "instruction", "step", "method", "direction", names=("ol", "ul", "div", "section")):
-        items = [node_text(li) for li in el.find_all("li")] or [node_text(p) for p in el.find_all("p")]
-        steps.extend(s for s in items if s)
+    for el in _marked(main, ("instruction", "step", "method", "direction", "preparation", "zubereitung")):
+        steps.extend(_items_of(el))
+    if not steps:
+        steps = _under_heading(main, _STEP_HEAD)
     nutrition: dict[str, str] = {}
-    for table in find_marked(main, "nutrition", names=("table",)):
-        for row in table_rows(table)[1:]:
-            if len(row) >= 2:
-                nutrition[row[0]] = row[1]
-    desc = main.find(lambda t: t.name == "p" and "description" in " ".join(t.get("class") or []))
-    meta = node_text(main)
-    serves = re.search(r"\b(?:Serves|Yield|Makes)\s*:?\s*([^.\n]+)", meta)
+    for table in main.xpath(f".//table[contains({_LOWER}, 'nutrition')]"):
+        for row in table.xpath(".//tr")[1:]:
+            cells = [_text(c) for c in row.xpath("./th|./td")]
+            if len(cells) >= 2 and cells[0]:
+                nutrition[cells[0]] = cells[1]
+    desc = next(iter(main.xpath(".//p[contains(@class, 'description')]")), None)
+    serves = re.search(r"\b(?:Serves|Yield|Makes)\s*:?\s*([^.\n]+)", " ".join(main.text_content().split()[:400]))
     return {
-        "title": page_title(page), "description": node_text(desc), "yield": clean(serves.group(1)) if serves else "",
+        "title": tree_title(page), "description": _text(desc) if desc is not None else "",
+        "yield": clean(serves.group(1))[:80] if serves else "",
         "prep_time": "", "cook_time": "", "total_time": "", "cuisine": "", "category": "",
         "ingredients": list(dict.fromkeys(ingredients)), "steps": list(dict.fromkeys(steps)), "nutrition": nutrition,
     }
 
 
+def _key(text: str) -> str:
+    return " ".join(re.findall(r"\w+", text.lower()))
+
+
+_SECTION_WORDS = {"ingredients", "ingredient", "method", "steps", "instructions", "directions", "preparation",
+                  "nutrition", "zutaten", "zubereitung", "notes"}
+
+
 def parse(page: Page) -> Parsed:
     recipes = page.of_type("Recipe")
     if recipes:
-        f = _from_schema(max(recipes, key=lambda r: len(r.get("recipeIngredient") or [])))
+        best = max(recipes, key=lambda r: (len(as_list(r.get("recipeIngredient") or r.get("ingredients"))),
+                                           bool(r.get("recipeInstructions"))))
+        f = _from_schema(best)
         f["source_format"] = "schema.org"
-        if not f["ingredients"] or not f["steps"]:  # partial markup: complete it from the HTML
-            h = _from_html(page)
-            f["ingredients"] = f["ingredients"] or h["ingredients"]
-            f["steps"] = f["steps"] or h["steps"]
+        h = _from_html(page)  # partial or thin markup: complete it from the page's own lists
+        if not f["ingredients"] or _richer(h["ingredients"], f["ingredients"]):
+            f["ingredients"] = h["ingredients"] or f["ingredients"]
+        f["steps"] = f["steps"] or h["steps"]
     else:
-        reject_navigation(page)
         f = _from_html(page)
-        f["source_format"] = "html"
-    if not f["ingredients"] and not f["steps"]:
-        raise ParseReject("no_recipe", "no Recipe markup and no ingredient/step lists")
-    f["title"] = f["title"] or page_title(page)
+        f["source_format"] = "html" if f["ingredients"] or f["steps"] else "text"
+        if f["source_format"] == "text":
+            reject_navigation(page)
+    f["structured"] = f["source_format"] != "text"
+    # the page's own heading is kept when the markup names the recipe differently
+    heading = tree_title(page)
+    f["title"] = f["title"] or heading
+    if heading and _key(heading) != _key(f["title"]):
+        f["page_heading"] = heading
 
     blocks = [f["title"], f["description"]]
     meta = [(label, f[key]) for label, key in (("Serves", "yield"), ("Prep", "prep_time"), ("Cook", "cook_time"),
@@ -135,15 +223,17 @@ def parse(page: Page) -> Parsed:
         nut = dict(f["nutrition"])
         per = nut.pop("Serving size", "")
         blocks.append(f"Nutrition{f' (per {per})' if per else ''}: " + ", ".join(f"{k} {v}" for k, v in nut.items()))
-    # the rest of the page's prose (introduction, notes), without what is already above
-    main = main_element(page.soup)
-    skip = [*find_marked(main, "ingredient", "instruction", "step", "method", "direction", "nutrition"),
-            *main.find_all(["h1", "table", "script", "nav"])]
-    seen = {f["title"], f["description"]}
-    prose = render_blocks(main, skip=skip, seen=seen)
-    headings = ("ingredients", "method", "steps", "instructions", "directions")  # their content is above
-    prose = "\n\n".join(b for b in prose.split("\n\n")
-                        if b.strip().lower().rstrip(":") not in headings and not b.lower().startswith("nutrition"))
+    # the rest of the page's main text (introduction, notes, ingredient groups), minus what is above
+    seen = {_key(x) for x in [f["title"], f["description"], *f["ingredients"], *f["steps"]] if x}
+    prose = []
+    for line in page.main_text().split("\n"):
+        k = _key(line)
+        if not k or k in seen or k in _SECTION_WORDS:
+            continue
+        seen.add(k)
+        prose.append(line.strip())
     if prose:
-        blocks.append(prose)
+        blocks.append(join_blocks(prose))
+    if not f["structured"] and not prose:
+        raise ParseReject("empty", "no recipe markup, no ingredient/step lists and no main text")
     return Parsed(title=f["title"], text=join_blocks([b for b in blocks if b]), fields=f)

@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 REPO_ROOT = Path(__file__).resolve().parent.parent  # the one definition; everything else imports it
 
@@ -120,6 +120,16 @@ class SourcesFile(Section):
         "error. Names that look like secrets (TOKEN, SECRET, PASSWORD, KEY, ...) cannot be declared.",
     )
     sources: list[SourceConfig]
+
+    @model_validator(mode="after")
+    def _no_conflicts(self) -> SourcesFile:
+        # a source that can never receive a page, or that shares pages with another, is a config error
+        from scrapers.sources import source_conflicts
+
+        problems = source_conflicts(self.sources)
+        if problems:
+            raise ValueError("; ".join(problems))
+        return self
 
 
 class DemoSiteConfig(Section):

@@ -9,6 +9,10 @@ they are) and writes:
   extracted/manifest.json        documents_in == kept + rejected, per category and by reason
 
 Skipped ("skipped: up to date") when the raw fingerprint and the extract config are unchanged.
+Incremental: when only some pages changed (a re-scrape), a page whose body (sha256), URL, final URL,
+source and licence are those of a page in the previous output is not parsed again: its document or
+reject is copied from there, provided the extract config and the parser code are the same
+(``parser_fingerprint`` in the manifest). New and changed pages are parsed.
 CLI:  python -m tasks.extract --config configs/demo.yaml [section.key=value ...]
 """
 
@@ -29,16 +33,30 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 from prefect import task
 
+from scrapers.common import path_query
 from scrapers.extract_page import PARSERS, TEXT_TYPES, extract_batch, extract_page  # noqa: F401 - re-exported
-from tasks.core.config import CATEGORIES, PipelineConfig, config_from_dict, dump_resolved, load_config
-from tasks.core.manifest import Stage, require_manifest
+from tasks.core.config import (
+    CATEGORIES,
+    PipelineConfig,
+    config_from_dict,
+    dump_resolved,
+    load_config,
+)
+from tasks.core.manifest import (
+    Stage,
+    code_fingerprint,
+    fingerprint,
+    read_manifest,
+    require_manifest,
+)
 
 log = logging.getLogger("tasks.extract")
 
 DOC_SCHEMA = pa.schema([(n, pa.string()) for n in (
     "doc_id", "url", "final_url", "fetched_at", "sha256", "source_id", "category", "license", "title", "text",
     "fields")])
-REJECT_SCHEMA = pa.schema([(n, pa.string()) for n in ("url", "category", "reason", "detail", "source_id", "sha256")])
+REJECT_SCHEMA = pa.schema([(n, pa.string()) for n in (
+    "url", "category", "reason", "detail", "source_id", "sha256", "final_url", "license")])
 READ_BATCH = 64
 PARALLEL_MIN_ROWS = 2000
 PROGRESS_EVERY_S = 10.0
@@ -58,26 +76,93 @@ def extract_workers(total_rows: int, configured: int | None = None) -> int:
     return min(os.cpu_count() or 1, 8) if total_rows >= PARALLEL_MIN_ROWS else 1
 
 
+def _row_key(row: dict[str, Any]) -> tuple[Any, ...]:
+    # path+query, not the whole URL: a site that moved host or port keeps its pages (and doc ids)
+    url = row.get("url") or ""
+    return (row.get("category"), row.get("source_id"), path_query(url), path_query(row.get("final_url") or url),
+            row.get("sha256"), row.get("license"))
+
+
+class Prior:
+    """The previous output's parse results by page key: (kind, table, row) for documents, the reject dict
+    for rejects. Tables are memory-mapped; a document's text is read only when it is reused."""
+
+    def __init__(self) -> None:
+        self.index: dict[tuple[Any, ...], tuple[str, Any, int]] = {}
+        self.hits = 0
+
+    @classmethod
+    def load(cls, out_dir: Any, parser_fp: str) -> Prior:
+        prior = cls()
+        m = read_manifest(out_dir)
+        if not m or m.get("parser_fingerprint") != parser_fp:
+            return prior
+        try:
+            for path in sorted(out_dir.glob("*.parquet")):
+                table = pq.read_table(path, memory_map=True)
+                cols = ("category", "source_id", "url", "final_url", "sha256", "license")
+                keys = (_row_key(dict(zip(cols, k))) for k in zip(*(table.column(c).to_pylist() for c in cols)))
+                kind = "reject" if path.name == "rejects.parquet" else "doc"
+                for i, k in enumerate(keys):
+                    prior.index[k] = (kind, table, i)
+        except (OSError, pa.ArrowException, KeyError) as e:  # an unreadable previous output: parse everything
+            log.warning("extract: previous output unreadable (%s); parsing every page", e)
+            prior.index.clear()
+        return prior
+
+    def get(self, row: dict[str, Any]) -> tuple[Any, Any] | None:
+        hit = self.index.get(_row_key(row))
+        if hit is None:
+            return None
+        kind, table, i = hit
+        self.hits += 1
+        old = table.slice(i, 1).to_pylist()[0]
+        if kind == "reject":
+            return None, {**old, "url": row["url"], "source_id": row.get("source_id"), "sha256": row.get("sha256")}
+        keep = {k: old[k] for k in ("doc_id", "title", "text", "fields")}
+        return {**old, **keep, "url": row["url"], "final_url": row.get("final_url") or row["url"],
+                "fetched_at": row.get("fetched_at"), "sha256": row.get("sha256"), "source_id": row["source_id"],
+                "category": row["category"], "license": row.get("license")}, None
+
+
+def _with_prior(rows: list[dict[str, Any]], prior: Prior) -> tuple[list[Any], list[dict[str, Any]]]:
+    """Per row: the reused (doc, reject), or None where the row must be parsed; and the rows to parse."""
+    done = [prior.get(r) if prior.index else None for r in rows]
+    return done, [r for r, d in zip(rows, done) if d is None]
+
+
+def _merge(done: list[Any], parsed: list[tuple[Any, Any]]) -> Iterator[tuple[Any, Any]]:
+    it = iter(parsed)
+    for d in done:
+        yield d if d is not None else next(it)
+
+
 def _extracted(path: Any, min_text_chars: int, pool: ProcessPoolExecutor | None,
-               workers: int) -> Iterator[tuple[Any, Any]]:
-    """(doc, reject) per raw row, in input order; with a pool, a bounded window of batches is in flight."""
+               workers: int, prior: Prior | None = None) -> Iterator[tuple[Any, Any]]:
+    """(doc, reject) per raw row, in input order; with a pool, a bounded window of batches is in flight.
+    Rows whose page is unchanged since the previous output are taken from it, not parsed."""
+    prior = prior or Prior()
     if pool is None or workers <= 1:
         for rows in _raw_batches(path):
-            yield from extract_batch(rows, min_text_chars)
+            done, todo = _with_prior(rows, prior)
+            yield from _merge(done, extract_batch(todo, min_text_chars) if todo else [])
         return
     window: deque[Any] = deque()
     for rows in _raw_batches(path):
-        window.append(pool.submit(extract_batch, rows, min_text_chars))
+        done, todo = _with_prior(rows, prior)
+        window.append((done, pool.submit(extract_batch, todo, min_text_chars)))
         if len(window) >= 2 * workers:
-            yield from window.popleft().result()
+            d, fut = window.popleft()
+            yield from _merge(d, fut.result())
     while window:
-        yield from window.popleft().result()
+        d, fut = window.popleft()
+        yield from _merge(d, fut.result())
 
 
 # the parsers this stage runs (not the fetcher, the test sites or the benchmarks)
 CODE_FILES = ("tasks/extract.py", "scrapers/extract_page.py", "scrapers/common.py", "scrapers/dataset_import.py",
               "scrapers/recipes.py", "scrapers/products.py", "scrapers/articles.py", "scrapers/code.py",
-              "scrapers/additives.py")
+              "scrapers/additives.py", "scrapers/urls.py")
 
 
 def run_extract(cfg: PipelineConfig) -> dict[str, Any]:
@@ -93,6 +178,10 @@ def run_extract(cfg: PipelineConfig) -> dict[str, Any]:
         log.info("extract skipped: up to date (%s)", stage.out_dir)
         return done
     t0 = time.monotonic()
+    # parse results may be reused only under the same config and parser code
+    parser_fp = fingerprint({"config": stage.config, "code": code_fingerprint(CODE_FILES)})
+    prior = Prior.load(stage.out_dir, parser_fp)
+    n_reused = 0
     per_cat: dict[str, dict[str, int]] = {}
     reasons: Counter[str] = Counter()
     n_in = n_kept = n_rej = 0
@@ -112,7 +201,7 @@ def run_extract(cfg: PipelineConfig) -> dict[str, Any]:
             t_cat, last = time.monotonic(), time.monotonic()
             with pq.ParquetWriter(work / f"{category}.parquet", DOC_SCHEMA) as writer:
                 docs: list[dict[str, Any]] = []
-                for doc, rej in _extracted(path, cfg.extract.min_text_chars, pool, workers):
+                for doc, rej in _extracted(path, cfg.extract.min_text_chars, pool, workers, prior):
                     n_in += 1
                     counts["documents_in"] += 1
                     if time.monotonic() - last >= PROGRESS_EVERY_S:
@@ -147,9 +236,11 @@ def run_extract(cfg: PipelineConfig) -> dict[str, Any]:
             raise AssertionError(f"extract: documents_in {n_in} != kept {n_kept} + rejected {n_rej}")
         dump_resolved(cfg, work / "config.yaml")
         dt = time.monotonic() - t0
-        counts = {"documents_in": n_in, "kept": n_kept, "rejected": n_rej, "per_category": per_cat,
+        n_reused = prior.hits
+        counts = {"documents_in": n_in, "kept": n_kept, "rejected": n_rej, "reused": n_reused,
+                  "parsed": n_in - n_reused, "per_category": per_cat,
                   "rejects_by_reason": dict(sorted(reasons.items()))}
-        manifest = stage.manifest(work, counts, seconds=round(dt, 3),
+        manifest = stage.manifest(work, counts, seconds=round(dt, 3), parser_fingerprint=parser_fp,
                                   pages_per_s=round(n_in / dt, 2) if dt > 0 else None)
     log.info("extract: %d pages in %.1fs (%.1f pages/s), %d kept, %d rejected %s", n_in, dt, n_in / max(dt, 1e-9),
              n_kept, n_rej, dict(reasons))

@@ -1,0 +1,122 @@
+"""One small hand-written page per failure pattern found on real pages (see benchmarks/bench_extract.py)."""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from scrapers.extract_page import extract_page
+
+PAGES = Path(__file__).parent / "pages" / "extract"
+ENTITY = re.compile(r"&(?:#\d{1,7}|#x[0-9a-f]{1,6}|[a-z][a-z0-9]{1,31});", re.IGNORECASE)
+MARKUP = re.compile(r"</?[a-z][a-z0-9]*(?:\s[^<>]*)?/?>", re.IGNORECASE)
+BOILERPLATE = re.compile(r"(?i)cookie|newsletter|share on|leave a reply|email address will not|nutzung eines buttons")
+
+
+def extract(name: str, category: str) -> tuple[dict[str, Any] | None, dict[str, Any] | None]:
+    row = {"url": f"http://example.org/{name}", "category": category, "source_id": "t", "sha256": "x",
+           "body": (PAGES / name).read_bytes(), "content_type": "text/html; charset=utf-8"}
+    return extract_page(row, 1)
+
+
+def doc(name: str, category: str) -> tuple[dict[str, Any], dict[str, Any]]:
+    d, rej = extract(name, category)
+    assert d is not None, rej
+    return d, json.loads(d["fields"])
+
+
+def strings(v: Any) -> list[str]:
+    if isinstance(v, dict):
+        return [s for x in v.values() for s in strings(x)]
+    if isinstance(v, list):
+        return [s for x in v for s in strings(x)]
+    return [v] if isinstance(v, str) else []
+
+
+CASES = [("entities.html", "recipes"), ("no_markup.html", "recipes"), ("text_only.html", "recipes"),
+         ("graph_howtosection.html", "recipes"), ("microdata_groups.html", "recipes"), ("thin_markup.html", "recipes"),
+         ("consent_article.html", "articles"), ("product_microdata.html", "product_compositions"),
+         ("product_microdata.html", "product_descriptions"), ("product_rdfa.html", "product_compositions"),
+         ("additive_text.html", "chemical_additives")]
+
+
+@pytest.mark.parametrize(("name", "category"), CASES)
+def test_no_entity_markup_or_boilerplate_in_any_record(name: str, category: str) -> None:
+    d, fields = doc(name, category)
+    for s in [d["title"], d["text"], *strings(fields)]:
+        assert not ENTITY.search(s), (name, s)
+        assert not MARKUP.search(s), (name, s)
+        assert not BOILERPLATE.search(s), (name, s)
+
+
+def test_entities_and_double_escaping_decoded_once_each() -> None:
+    d, f = doc("entities.html", "recipes")
+    assert f["title"] == "Cheesy Ground Beef & Cauliflower Casserole" and d["title"] == f["title"]
+    assert f["ingredients"] == ["1 lb ground beef", "2 cups cauliflower & broccoli", "1 cup cheddar's best"]
+    assert f["description"] == "Mom's favourite weeknight dish – Bœuf style."
+    assert f["steps"] == ["Brown the beef & drain.", "Bake at 350°F."]
+    assert '"always" on Fridays' in d["text"]
+
+
+def test_page_without_markup_keeps_its_text_and_lists() -> None:
+    d, f = doc("no_markup.html", "recipes")
+    assert f["source_format"] == "html" and f["structured"] is True
+    assert f["ingredients"] == ["250 g red lentils", "1 onion, chopped", "2 carrots, diced"]
+    assert f["steps"][0] == "Fry the onion until soft."
+    assert "kept our family warm" in d["text"] and "crusty bread" in d["text"]
+    d, f = doc("text_only.html", "recipes")
+    assert f["source_format"] == "text" and f["structured"] is False
+    assert f["title"] == "Sunday bread" and "baked a loaf" in d["text"] and "crust crackled" in d["text"]
+
+
+def test_graph_nested_recipe_howtosection_and_string_ingredients() -> None:
+    d, f = doc("graph_howtosection.html", "recipes")  # a broken second JSON-LD block hides nothing
+    assert f["title"] == "Lemon Layer Cake" and f["ingredients"] == ["200 g flour", "200 g sugar", "4 eggs"]
+    assert f["steps"] == ["For the sponge:", "Beat eggs and sugar.", "Fold in the flour.", "For the icing:",
+                          "Mix lemon juice and icing sugar."]
+    assert "A bright cake for spring birthdays." in d["text"]
+
+
+def test_microdata_only_with_ingredient_groups() -> None:
+    _d, f = doc("microdata_groups.html", "recipes")
+    assert f["source_format"] == "schema.org" and f["title"] == "Pad Thai"
+    assert f["ingredients"] == ["3 tbsp fish sauce", "2 tbsp tamarind paste", "200 g rice noodles", "2 eggs"]
+    assert len(f["steps"]) == 2
+
+
+def test_page_list_with_quantities_beats_thin_markup() -> None:
+    _, f = doc("thin_markup.html", "recipes")
+    assert f["ingredients"] == ["300 g chicken breast", "80 ml soy sauce", "1 tsp brown sugar"]
+
+
+def test_consent_share_newsletter_comment_form_removed_from_articles() -> None:
+    d, _ = doc("consent_article.html", "articles")
+    assert "short-chain fatty acids" in d["text"] and "Beans, lentils, oats" in d["text"]
+    for junk in ("cookie", "Facebook", "newsletter", "Anbieter", "Leave a Reply", "Required fields"):
+        assert junk.lower() not in d["text"].lower(), junk
+
+
+def test_products_from_microdata_and_rdfa() -> None:
+    _d, f = doc("product_microdata.html", "product_compositions")
+    assert f["has_schema"] and f["name"] == "Oat Crunch & Honey" and f["brand"] == "Crunch Co"
+    assert f["ingredients"].startswith("oats (60%), honey, almonds & sunflower oil")
+    assert f["nutrition"]["Fat"] == "18 g"
+    _, f = doc("product_rdfa.html", "product_compositions")
+    assert f["has_schema"] and f["name"] == "Rye Crackers" and f["brand"] == "Nordic"
+
+
+def test_additive_from_text_lines() -> None:
+    _d, f = doc("additive_text.html", "chemical_additives")
+    assert f["e_number"] == "E330" and f["function"] == "Acidity regulator & antioxidant"
+
+
+def test_navigation_page_still_rejected() -> None:
+    page = "<html><body><main><ul>" + "".join(f'<li><a href="r{i}.html">Recipe {i}</a></li>' for i in range(30))
+    row = {"url": "http://example.org/recipes/", "category": "recipes", "source_id": "t", "sha256": "x",
+           "body": (page + "</ul></main></body></html>").encode(), "content_type": "text/html"}
+    d, rej = extract_page(row, 1)
+    assert d is None and rej["reason"] == "navigation_page"
