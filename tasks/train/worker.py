@@ -82,7 +82,7 @@ def train_worker(run_dir: Path) -> int:
     from transformers import get_scheduler
 
     from tasks.core.model import load_base, load_tokenizer, tokenizer_fingerprint
-    from tasks.evaluate import eval_losses, load_eval_sets
+    from tasks.train.heldout import eval_losses, load_eval_sets
     from tasks.tokenize.loader import DataPosition, PackedShards, check_tokenizer, collate
     from tasks.train import fastpath
 
