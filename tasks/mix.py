@@ -275,7 +275,7 @@ def _measure(path: Path, cat: str, scope, encode, seed: int, quarantine: list[di
 
 
 # mix counts tokens through the token cache (tokenize/cache.py), not the packer or the training reader
-CODE_FILES = ("tasks/mix.py", "tasks/tokenize/cache.py", "tasks/core/textio.py")
+CODE_FILES = ("tasks/mix.py", "tasks/tokenize/cache.py", "tasks/tokenize/format.py", "tasks/core/textio.py")
 
 
 def run_mix(cfg: PipelineConfig, tokenizer=None, workers: int | None = None, executor=None) -> dict[str, Any]:
