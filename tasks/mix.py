@@ -53,8 +53,8 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
-from prefect import task
 
+from tasks.core._prefect import task
 from tasks.core.config import CATEGORIES, PipelineConfig, config_from_dict, dump_resolved, load_config
 from tasks.core.manifest import Stage, require_manifest
 from tasks.core.textio import CategoryWriters, Progress, category_files, dask_executor, iter_batches, num_rows
