@@ -237,7 +237,33 @@ def test_every_project_import_resolves():
             names = _defined_names(known[i.target])
             if i.name not in (None, "*") and names is not None and i.name not in names:
                 bad.append(f"{path.relative_to(REPO_ROOT)}:{i.line}: {i.target} defines no {i.name}")
+        bad += _module_attributes_missing(path, known)
     assert not bad, "\n".join(bad)
+
+
+def _module_attributes_missing(path: Path, known: dict[str, Path]) -> list[str]:
+    """``import tasks.x.y as T`` / ``from tasks.x import y as T``, then ``T.name``: name must exist in y."""
+    tree = ast.parse(path.read_text(encoding="utf-8"))
+    alias: dict[str, str] = {}
+    for n in ast.walk(tree):
+        if isinstance(n, ast.Import):
+            alias.update({a.asname: a.name for a in n.names if a.asname and a.name in known})
+        elif isinstance(n, ast.ImportFrom) and n.module and not n.level:
+            alias.update({a.asname or a.name: f"{n.module}.{a.name}" for a in n.names
+                          if f"{n.module}.{a.name}" in known})
+    # a name also bound otherwise somewhere in the file (a local ``kernels = []``) is not checked
+    rebound = {n.id for n in ast.walk(tree) if isinstance(n, ast.Name) and isinstance(n.ctx, ast.Store)}
+    rebound |= {a.arg for n in ast.walk(tree) if isinstance(n, ast.arguments)
+                for a in [*n.posonlyargs, *n.args, *n.kwonlyargs, n.vararg, n.kwarg] if a is not None}
+    out = []
+    for n in ast.walk(tree):
+        if isinstance(n, ast.Attribute) and isinstance(n.value, ast.Name) and n.value.id in alias \
+                and n.value.id not in rebound and isinstance(n.ctx, ast.Load) and not n.attr.startswith("__"):
+            mod = alias[n.value.id]
+            names = _defined_names(known[mod])
+            if names is not None and n.attr not in names and f"{mod}.{n.attr}" not in known:
+                out.append(f"{path.relative_to(REPO_ROOT)}:{n.lineno}: {mod} defines no {n.attr}")
+    return out
 
 
 # ------------------------------------------------------------------------------ one definition each
