@@ -29,7 +29,9 @@ $(VENV)/.installed: pyproject.toml Makefile
 demo: venv
 	$(VENV)/bin/d2a run --config configs/demo.yaml
 
+# lint first (a short rule set, pyproject's [tool.ruff]): seconds, before minutes of tests
 test: venv
+	$(VENV)/bin/ruff check .
 	$(PY) -m pytest -m "not gpu"
 
 # `make server`: a Prefect server + UI on 127.0.0.1:$(SERVER_PORT) serving the deployments of $(SERVER_CONFIG);

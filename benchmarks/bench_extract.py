@@ -51,7 +51,6 @@ from urllib.parse import quote
 import pyarrow.parquet as pq
 import yaml
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 N_HOSTS = 16
 PERMISSION = {"evidence_url": "https://example.org/benchmark", "license": "research-benchmark",

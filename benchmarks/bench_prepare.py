@@ -29,8 +29,9 @@ import tempfile
 import time
 from pathlib import Path
 
+from scrapers.schema import REPO_ROOT as REPO
+
 TOKENIZER = "mistral-common:tekken_240911.json"
-REPO = Path(__file__).resolve().parent.parent
 CATS = {"recipes": 0.43, "product_compositions": 0.25, "articles": 0.18, "code": 0.10,
         "product_descriptions": 0.03, "chemical_additives": 0.01}
 FALLBACK = (

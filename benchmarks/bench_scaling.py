@@ -36,7 +36,8 @@ import tempfile
 import time
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parent.parent
+from scrapers.schema import REPO_ROOT as REPO
+
 TEKKEN = "tekken_240911.json"
 
 

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import json
 import logging
-import math
 import shutil
 import time
 from pathlib import Path
@@ -34,6 +33,7 @@ from tasks.core.config import PipelineConfig, load_config
 from tasks.evaluate import evaluate
 from tasks.extract import extract
 from tasks.scrape import scrape
+from tasks.train.plan import plan_steps
 from tasks.train.stage import train
 
 log = logging.getLogger("flows.pipeline")
@@ -49,7 +49,6 @@ StageName = Literal["all", "scrape", "extract", "prepare", "clean", "split", "mi
 Force = Annotated[list[StageName] | None, Field(description="Stages to re-run even if up to date ('all', or names; "
                                                             "'prepare' = clean, split, mix, tokenize).")]
 
-TRAIN_RETRIES = 2  # relaunches of a preempted/crashed training worker (each resumes from its checkpoint)
 DATA_STAGES = ("extract", "clean", "split", "mix", "tokenize")
 ALL_STAGES = ("scrape", *DATA_STAGES, "train", "evaluate")
 _DIRS = {"extract": "extracted", "clean": "clean", "split": "split", "mix": "mix"}
@@ -162,14 +161,17 @@ def scrape_step(cfg: PipelineConfig, d: dict[str, Any]) -> dict[str, Any]:
 
 
 def expected_steps(cfg: PipelineConfig, tok_m: dict[str, Any]) -> int | None:
+    """The run's optimizer steps (for the progress artifact) from the step plan the worker follows
+    (epochs, max_steps or max_tokens over every rank of every node); None when unknown."""
     tc = cfg.train
-    if tc.max_steps:
-        return tc.max_steps
     rows = tok_m.get("counts", {}).get("train", {}).get("rows")
     if not rows:
+        return tc.max_steps or None
+    try:
+        plan = plan_steps(tc, rows, tok_m.get("seq_len", cfg.tokenize.seq_len), tc.num_processes * tc.nnodes)
+    except ValueError:  # too few rows for one step: the worker says so
         return None
-    per_epoch = rows // tc.num_processes // (tc.micro_batch_size * tc.grad_accum)
-    return math.ceil(tc.epochs * per_epoch) or None
+    return plan["total_steps"]
 
 
 def train_step(cfg: PipelineConfig, d: dict[str, Any], tok_m: dict[str, Any] | None = None) -> dict[str, Any]:
@@ -177,9 +179,9 @@ def train_step(cfg: PipelineConfig, d: dict[str, Any], tok_m: dict[str, Any] | N
 
     run_dir = run_dir_for(cfg)
     with artifacts.training_progress(cfg, run_dir, expected_steps(cfg, tok_m or {})):
-        # a preempted (exit 75) or crashed worker fails the task; the retry relaunches it and it resumes
-        # from its newest verified checkpoint. A cancelled flow run is not retried.
-        m = nocache(train).with_options(retries=TRAIN_RETRIES, retry_delay_seconds=10)(d)
+        # a preempted (exit 75) or crashed worker fails the task; the task's retry policy (TRAIN_RETRY in
+        # tasks/train/stage.py) relaunches it and it resumes from its newest verified checkpoint
+        m = nocache(train)(d)
     artifacts.publish_training(cfg, Path(m["run_dir"]), m)
     return m
 

@@ -30,7 +30,7 @@ from flows import artifacts
 from flows.pipeline import ConfigPath, Overrides, evaluate_step, nocache, promote_step, scrape_step, train_step
 from flows.prepare import prepare
 from tasks.adapter.promote import RetrainDecision, corpus_drift, corpus_snapshot, retrain_decision
-from tasks.core.config import PipelineConfig, TrainConfig, config_from_dict, load_config
+from tasks.core.config import PipelineConfig, config_from_dict, load_config
 from tasks.core.manifest import read_manifest
 from tasks.extract import extract
 
@@ -122,16 +122,12 @@ def fail_closed(cfg: PipelineConfig, decision: RetrainDecision, force: bool = Fa
                    reason=f"{drift.summary()} {verdict}; left out: {'; '.join(notes)}")
 
 
-def warm_start(cfg: PipelineConfig, d: dict[str, Any], current: dict[str, Any] | None, logger) -> str:
+def warm_start(cfg: PipelineConfig, d: dict[str, Any], current: dict[str, Any] | None) -> str:
     """Apply ``schedule.continue_from_previous``; returns how training starts."""
     if not cfg.schedule.continue_from_previous:
         return "from scratch (schedule.continue_from_previous is false)"
     if current is None:
         return "from scratch (no current adapter to continue from)"
-    if "init_adapter" not in TrainConfig.model_fields:
-        logger.warning("schedule.continue_from_previous: train.init_adapter is not supported by tasks/train/ yet; "
-                       "training from scratch")
-        return "from scratch (train.init_adapter not supported yet)"
     d["train"]["init_adapter"] = current["adapter"]  # part of the train section, so of the run's fingerprint
     return f"from the current adapter {current['run_id']}"
 
@@ -176,7 +172,7 @@ def rescrape_and_retrain(
         out["promoted"] = False
         out["wall_s"] = round(time.time() - t0, 1)
         return out
-    start = warm_start(cfg, d, decision.current, logger)
+    start = warm_start(cfg, d, decision.current)
     cfg = config_from_dict(d)
     logger.info("training %s", start)
     nocache(extract)(d)

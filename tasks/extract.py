@@ -31,10 +31,10 @@ from typing import Any
 
 import pyarrow as pa
 import pyarrow.parquet as pq
-from prefect import task
 
 from scrapers.common import path_query
 from scrapers.extract_page import PARSERS, TEXT_TYPES, extract_batch, extract_page  # noqa: F401 - re-exported
+from tasks.core._prefect import task
 from tasks.core.config import (
     CATEGORIES,
     PipelineConfig,

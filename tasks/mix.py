@@ -53,8 +53,8 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
-from prefect import task
 
+from tasks.core._prefect import task
 from tasks.core.config import CATEGORIES, PipelineConfig, config_from_dict, dump_resolved, load_config
 from tasks.core.manifest import Stage, require_manifest
 from tasks.core.textio import CategoryWriters, Progress, category_files, dask_executor, iter_batches, num_rows
@@ -275,7 +275,7 @@ def _measure(path: Path, cat: str, scope, encode, seed: int, quarantine: list[di
 
 
 # mix counts tokens through the token cache (tokenize/cache.py), not the packer or the training reader
-CODE_FILES = ("tasks/mix.py", "tasks/tokenize/cache.py", "tasks/core/textio.py")
+CODE_FILES = ("tasks/mix.py", "tasks/tokenize/cache.py", "tasks/tokenize/format.py", "tasks/core/textio.py")
 
 
 def run_mix(cfg: PipelineConfig, tokenizer=None, workers: int | None = None, executor=None) -> dict[str, Any]:

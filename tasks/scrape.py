@@ -31,13 +31,13 @@ from typing import Any
 import pyarrow as pa
 import pyarrow.parquet as pq
 import yaml
-from prefect import task
 
 from scrapers import dataset_import
 from scrapers.crawl import Crawler, CrawlState, check_sources, read_decisions, seeds_fingerprint
 from scrapers.dataset_import import ImportStats
 from scrapers.fetcher import FetchLog
 from scrapers.testsite import demo_site_env
+from tasks.core._prefect import task
 from tasks.core.config import (
     CATEGORIES,
     PipelineConfig,

@@ -19,8 +19,8 @@ from typing import Any
 
 import pyarrow as pa
 import pyarrow.compute as pc
-from prefect import task
 
+from tasks.core._prefect import task
 from tasks.core.config import PipelineConfig, config_from_dict, dump_resolved, load_config
 from tasks.core.manifest import Stage, require_manifest
 from tasks.core.textio import CategoryWriters, Progress, category_files, iter_batches, num_rows

@@ -8,7 +8,8 @@ from pathlib import Path
 
 import pytest
 
-REPO = Path(__file__).resolve().parent.parent
+from scrapers.schema import REPO_ROOT as REPO  # noqa: F401 - tests import it from here
+
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 # No GPU here: the fast path's Triton kernels (tasks/train/kernels.py) run in Triton's CPU interpreter,
 # which is chosen when the kernels are defined, so before anything imports tasks.kernels

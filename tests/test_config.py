@@ -1,13 +1,11 @@
 """Every config file loads; mistakes name the key; overrides work."""
 
-from pathlib import Path
-
 import pytest
 import yaml
 
+from scrapers.schema import REPO_ROOT as REPO
 from tasks.core.config import ConfigError, load_config, load_sources, resolve_path
 
-REPO = Path(__file__).resolve().parent.parent
 PIPELINE_CONFIGS = sorted(p for p in (REPO / "configs").glob("*.yaml"))
 SOURCE_FILES = sorted((REPO / "configs" / "sources").glob("*.yaml"))
 ACCELERATE_FILES = sorted((REPO / "configs" / "accelerate").glob("*.yaml"))

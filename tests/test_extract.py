@@ -12,12 +12,12 @@ import pytest
 import yaml
 
 from scrapers.common import decode_body, doc_id
+from scrapers.schema import REPO_ROOT as REPO
 from scrapers.testsite import serve_site
 from tasks.core.config import PipelineConfig
 from tasks.extract import run_extract
 from tasks.scrape import run_scrape
 
-REPO = Path(__file__).resolve().parent.parent
 DEMO_ROOT = REPO / "data" / "demo_site"
 PERMISSION = {"evidence_url": "https://example.org/terms", "license": "CC-BY-4.0", "note": "test fixture"}
 SOURCES = {"recipes": "/recipes/", "product_compositions": "/products/", "articles": "/articles/", "code": "/code/",

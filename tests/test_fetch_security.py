@@ -21,7 +21,7 @@ import pytest
 from scrapers.fetcher import (AddressGuard, Decision, FetcherSettings, FetchLog, HostAllowList, PoliteFetcher,
                               _Abort)
 from scrapers.testsite import serve_site
-from tasks.core.config import ConfigError, load_sources
+from tasks.core.config import REPO_ROOT, ConfigError, load_sources
 from tasks.scrape import run_scrape
 from test_scrape import PERMISSION, fetch_log, make_cfg, page, write_site, write_sources
 
@@ -349,7 +349,7 @@ def test_urllib3_without_known_decompression_cves_is_required() -> None:
 
     import urllib3
 
-    deps = tomllib.loads((Path(__file__).resolve().parent.parent / "pyproject.toml").read_text())["project"]
+    deps = tomllib.loads((REPO_ROOT / "pyproject.toml").read_text())["project"]
     assert any(d.replace(" ", "").startswith("urllib3>=2.6.3") for d in deps["dependencies"]), deps["dependencies"]
     assert tuple(int(x) for x in urllib3.__version__.split(".")[:3]) >= (2, 6, 3)
 

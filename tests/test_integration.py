@@ -11,9 +11,9 @@ from pathlib import Path
 import pyarrow.parquet as pq
 import pytest
 
+from scrapers.schema import REPO_ROOT as REPO
 from scrapers.testsite import serve_site
 
-REPO = Path(__file__).resolve().parent.parent
 pytestmark = pytest.mark.integration
 
 

@@ -13,11 +13,11 @@ import yaml
 
 from scrapers.crawl import SourceRefused, check_sources, require_permission
 from scrapers.fetcher import AddressGuard
+from scrapers.schema import REPO_ROOT as REPO
 from scrapers.testsite import serve_site
 from tasks.core.config import CATEGORIES, PipelineConfig, SourceConfig
 from tasks.scrape import run_scrape
 
-REPO = Path(__file__).resolve().parent.parent
 DEMO_ROOT = REPO / "data" / "demo_site"
 PERMISSION = {"evidence_url": "https://example.org/terms", "license": "CC-BY-4.0", "note": "test fixture"}
 

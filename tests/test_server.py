@@ -21,7 +21,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-REPO = Path(__file__).resolve().parent.parent
+from scrapers.schema import REPO_ROOT as REPO
+
 pytestmark = pytest.mark.integration  # the real SmolLM2 through the whole DAG (CPU, minutes)
 SMALL = {  # the demo config, shrunk so a whole DAG run is a few minutes on a shared CPU
     "tokenize": {"seq_len": 128},

@@ -13,12 +13,12 @@ import pyarrow.parquet as pq
 import pytest
 import yaml
 
+from scrapers.schema import REPO_ROOT as REPO
 from scrapers.testsite import serve_site
 from tasks.core.config import PipelineConfig, load_sources
 from tasks.extract import run_extract
 from tasks.scrape import run_scrape
 
-REPO = Path(__file__).resolve().parent.parent
 PROSE = "Oats are a whole grain rich in beta-glucan fibre, which slows digestion. "
 
 

@@ -31,8 +31,7 @@ import warnings
 from pathlib import Path
 from typing import Any
 
-from prefect import task
-
+from tasks.core._prefect import task
 from tasks.core.config import ConfigError, load_config
 from tasks.core.manifest import fingerprint, library_versions, sha256_file, write_json_atomic
 

@@ -26,8 +26,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, Any
 
-from prefect import task
-
+from tasks.core._prefect import task
 from tasks.core.config import ConfigError, GenerateConfig, QuantizationConfig, load_config
 
 log = logging.getLogger(__name__)

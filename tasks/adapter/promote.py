@@ -207,9 +207,9 @@ def decide(candidate: dict[str, float], current: dict[str, float] | None, tolera
 
 def measure_adapter(run_dir: Path, tokenized_dir: Path, max_rows: int, batch_size: int) -> dict[str, float]:
     """Held-out loss per category of the adapter in ``run_dir`` on ``tokenized_dir``'s eval rows: the
-    same rows and code ``tasks.evaluate`` uses, so the numbers compare with an ``eval.json``."""
+    same rows and code as ``tasks.evaluate`` (tasks/train/heldout.py), so the numbers compare with an ``eval.json``."""
     from tasks.adapter.generate import load_for_inference
-    from tasks.evaluate import eval_losses, load_eval_sets
+    from tasks.train.heldout import eval_losses, load_eval_sets
 
     model, _ = load_for_inference(Path(run_dir))
     device = next(model.parameters()).device

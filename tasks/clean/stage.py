@@ -11,7 +11,6 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
-from prefect import task
 
 from tasks.clean.dedup import ExternalDedup, Signer, repeated_keys
 from tasks.clean.index import (
@@ -41,6 +40,7 @@ from tasks.clean.rules import (
     scrub_pii,
     split_parts,
 )
+from tasks.core._prefect import task
 from tasks.core.config import CATEGORIES, CleanConfig, PipelineConfig, config_from_dict, dump_resolved, load_config
 from tasks.core.manifest import Stage, code_fingerprint, fingerprint, require_manifest
 from tasks.core.textio import (

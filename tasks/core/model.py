@@ -166,7 +166,8 @@ def check_quantization(recorded: dict[str, Any], requested: QuantizationConfig, 
 
 def load_base(base: str, cfg: ModelConfig, device_map: Any = None, attn_implementation: str | None = None):
     """Load the base model with the configured quantization (4-bit NF4 by default). attn_implementation:
-    None = transformers' default (SDPA); "d2a_varlen" = tasks/train/fastpath.py's varlen attention."""
+    None = transformers' default (SDPA); "d2a_varlen" = tasks/train/fastpath.py's varlen attention, which
+    that module registers with transformers when imported (infrastructure imports no training code)."""
     import torch
     from transformers import AutoModelForCausalLM
 
@@ -181,11 +182,7 @@ def load_base(base: str, cfg: ModelConfig, device_map: Any = None, attn_implemen
         kwargs["quantization_config"] = bnb_config(q)
     if device_map is not None:
         kwargs["device_map"] = device_map
-    if attn_implementation is not None:
-        if attn_implementation == "d2a_varlen":
-            from tasks.fastpath import register_attention
-
-            register_attention()
+    if attn_implementation is not None:  # a custom one is registered by its module (fastpath on import)
         kwargs["attn_implementation"] = attn_implementation
     model = AutoModelForCausalLM.from_pretrained(base, **kwargs)
     disable_cpu_inference_repack(model)

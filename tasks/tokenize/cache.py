@@ -19,8 +19,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.ipc as ipc
 
-from tasks.tokenize.loader import tokenizer_dir_name
-from tasks.tokenize.pack import id_dtype
+from tasks.tokenize.format import id_dtype, tokenizer_dir_name
 
 log = logging.getLogger(__name__)
 

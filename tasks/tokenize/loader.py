@@ -13,10 +13,7 @@ import pyarrow as pa
 import pyarrow.ipc as ipc
 
 from tasks.core.config import PipelineConfig
-
-
-def tokenizer_dir_name(tok_fp: str) -> str:
-    return tok_fp[:16]
+from tasks.tokenize.format import tokenizer_dir_name
 
 
 def tokenized_dir(cfg: PipelineConfig, tok_fp: str) -> Path:

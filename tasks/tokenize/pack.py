@@ -10,9 +10,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.ipc as ipc
 
-
-def id_dtype(vocab_size: int) -> pa.DataType:
-    return pa.uint16() if vocab_size <= 65_536 else pa.uint32()
+from tasks.tokenize.format import id_dtype
 
 
 def row_schema(seq_len: int, vocab_size: int) -> pa.Schema:

@@ -28,8 +28,8 @@ from tasks.tokenize.cache import (
     text_keys,
     tokenizer_ref,
 )
-from tasks.tokenize.loader import tokenizer_dir_name
-from tasks.tokenize.pack import Packer, ShardWriter, ShuffleBuckets, id_dtype
+from tasks.tokenize.format import id_dtype, tokenizer_dir_name
+from tasks.tokenize.pack import Packer, ShardWriter, ShuffleBuckets
 
 log = logging.getLogger(__name__)
 
@@ -139,7 +139,8 @@ def _expected_rows(mix_m: dict[str, Any], seq_len: int) -> int:
 
 
 # the writer side only: editing the training reader (loader.py) re-runs no data stage
-CODE_FILES = ("tasks/tokenize/stage.py", "tasks/tokenize/pack.py", "tasks/tokenize/cache.py", "tasks/core/textio.py")
+CODE_FILES = ("tasks/tokenize/stage.py", "tasks/tokenize/pack.py", "tasks/tokenize/cache.py", "tasks/tokenize/format.py",
+              "tasks/core/textio.py")
 
 
 def run_tokenize(cfg: PipelineConfig, tokenizer=None, workers: int | None = None, executor=None) -> dict[str, Any]:

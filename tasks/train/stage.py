@@ -9,8 +9,9 @@ import time
 from pathlib import Path
 from typing import Any
 
-from tasks.core._prefect import (
-    task,  # workers on GPU nodes import this module without Prefect
+from tasks.core._prefect import (  # workers on GPU nodes import this module without Prefect
+    RetryPolicy,
+    task,
 )
 from tasks.core.config import (
     PipelineConfig,
@@ -195,15 +196,13 @@ def _outcome(rc: int, run_dir: Path, t0: float) -> str:
     return "failed"
 
 
-def _retry_when_interrupted(task_, task_run, state) -> bool:
-    """Prefect retries a preempted, killed or crashed worker (the relaunch resumes from the newest
-    checkpoint); a divergence stop or a config/layout error raised before launch fails at once."""
-    exc = getattr(state, "data", None)
-    kinds = (TrainingInterrupted, TrainingFailed)
-    return isinstance(exc, kinds) or any(k.__name__ in (state.message or "") for k in kinds)
+# Prefect relaunches a preempted, killed or crashed worker (it resumes from the newest checkpoint);
+# a divergence stop or a config/layout error raised before launch fails at once
+TRAIN_RETRY = RetryPolicy(retry_on=(TrainingInterrupted, TrainingFailed))
+_retry_when_interrupted = TRAIN_RETRY.should_retry
 
 
-@task(name="train", retries=2, retry_delay_seconds=10, retry_condition_fn=_retry_when_interrupted)
+@task(name="train", **TRAIN_RETRY.options())
 def train(cfg_dict: dict) -> dict:
     from prefect.logging import get_run_logger
 

@@ -82,9 +82,9 @@ def train_worker(run_dir: Path) -> int:
     from transformers import get_scheduler
 
     from tasks.core.model import load_base, load_tokenizer, tokenizer_fingerprint
-    from tasks.evaluate import eval_losses, load_eval_sets
     from tasks.tokenize.loader import DataPosition, PackedShards, check_tokenizer, collate
     from tasks.train import fastpath
+    from tasks.train.heldout import eval_losses, load_eval_sets
 
     t_enter = time.time()  # startup phases go to metrics.jsonl ("startup"): launch-to-first-step is overhead on every resume
     rank_env = os.environ.get("RANK", "0")
