@@ -324,6 +324,14 @@ def run_mix(cfg: PipelineConfig, tokenizer=None, workers: int | None = None, exe
         if cat in repeats:
             repeats[cat][~m.ok] = 0
     totals["quarantined"] = len(quarantine)
+    totals["quarantined_by_reason"] = {r: sum(1 for q in quarantine if q["reason"] == r)
+                                       for r in sorted({q["reason"] for q in quarantine})}
+    # every row in is available (counted, selectable) or quarantined
+    totals["documents_in"] = sum(num_rows(p) for p in category_files(split_dir, include_unknown=True).values())
+    totals["available_docs"] = int(sum(m.ok.sum() for m in measured3.values()))
+    if totals["documents_in"] != totals["available_docs"] + totals["quarantined"]:
+        raise AssertionError(f"mix: documents_in {totals['documents_in']} != available {totals['available_docs']} "
+                             f"+ quarantined {totals['quarantined']}")
     with stage.building() as work:
         with CategoryWriters(work / "train") as out:
             for cat, path in files.items():

@@ -84,6 +84,9 @@ INPUT_KEY_COL = "_input_key"  # staging only: each survivor's input key, for its
 DEDUP_MEMORY_BYTES = 256 << 20  # what one dedup partition may take while it is sorted
 
 
+OUT_CHUNK_BYTES = 16 << 20  # about the most bytes one output table holds (split documents make many rows)
+
+
 # rows per batch read, cleaned and staged: a batch's texts, their cleaned copies, the Arrow tables and
 # the writers' buffers all scale with it (measured peak RSS at 2k -> 20k docs: 1024 rows 341 -> 410 MB,
 # 256 rows 301 -> 321 MB, at the same speed)
@@ -454,12 +457,8 @@ def run_clean(cfg: PipelineConfig, workers: int | None = None, executor=None,
                                 clusters_col.append(doc_id)
                         idx += 1
                     if take:
-                        out = pa.Table.from_batches([batch]).drop_columns([INPUT_KEY_COL]).take(pa.array(take, pa.int64()))
-                        out = out.set_column(COLUMNS.index("doc_id"), "doc_id", pa.array(out_ids, pa.string()))
-                        out = out.set_column(COLUMNS.index("text"), "text", pa.array(out_texts, pa.string()))
-                        out = out.append_column("n_chars", pa.array([len(x) for x in out_texts], pa.int64()))
-                        out = out.append_column("dup_cluster", pa.array(clusters_col, pa.string()))
-                        final.write(cat, out)
+                        _write_parts(final, cat, pa.Table.from_batches([batch]).drop_columns([INPUT_KEY_COL]),
+                                     take, out_ids, out_texts, clusters_col)
                         per_cat[cat]["rows_out"] += len(take)
                         per_cat[cat]["chars_out"] += sum(len(x) for x in out_texts)
             written = final.keys
@@ -510,6 +509,33 @@ def run_clean(cfg: PipelineConfig, workers: int | None = None, executor=None,
     log.info("clean: %d in, %d kept (%d rows), %d rejected %s; %d cleaned, %d reused from the index",
              n_in, n_kept, counts["rows_out"], n_rej, counts["rejects_by_reason"], counts["cleaned"], counts["reused"])
     return m
+
+
+def _write_parts(final: CategoryWriters, cat: str, t: pa.Table, take: list[int], ids: list[str], texts: list[str],
+                 clusters: list[str], max_bytes: int = OUT_CHUNK_BYTES) -> None:
+    """Write the output rows (``take[j]`` is the input row of part ``j``) in chunks of about
+    ``max_bytes``. A long document's parts each copy the other columns of its row, and one take of
+    all of them overflowed a string array past 2 GiB (a 25 MB document split into 125 parts, text
+    column included: ``ArrowInvalid: Take operation overflowed binary array capacity``); so the text
+    is never taken (it is replaced by the parts) and each take copies a bounded number of bytes."""
+    rest = t.drop_columns(["doc_id", "text"])
+    row_bytes = np.zeros(t.num_rows, np.int64)  # bytes per input row of the columns each part copies
+    for col in rest.columns:
+        if pa.types.is_string(col.type) or pa.types.is_binary(col.type) or pa.types.is_large_string(col.type):
+            row_bytes += pc.fill_null(pc.binary_length(col), 0).to_numpy(zero_copy_only=False).astype(np.int64)
+    start, size = 0, 0
+    for j in range(len(take) + 1):
+        cost = 0 if j == len(take) else len(texts[j]) + int(row_bytes[take[j]])
+        if j == len(take) or (j > start and size + cost > max_bytes):
+            part = rest.take(pa.array(take[start:j], pa.int64()))
+            cols = {"doc_id": pa.array(ids[start:j], pa.string()), "text": pa.array(texts[start:j], pa.string())}
+            out = pa.Table.from_arrays([cols[n] if n in cols else part.column(n) for n in t.column_names],
+                                       names=t.column_names)
+            out = out.append_column("n_chars", pa.array([len(x) for x in texts[start:j]], pa.int64()))
+            out = out.append_column("dup_cluster", pa.array(clusters[start:j], pa.string()))
+            final.write(cat, out)
+            start, size = j, 0
+        size += cost
 
 
 def _relative(path: Path, root: Path) -> str:
