@@ -31,7 +31,7 @@ from prefect import task
 
 from scrapers.extract_page import PARSERS, TEXT_TYPES, extract_batch, extract_page  # noqa: F401 - re-exported
 from tasks.core.config import CATEGORIES, PipelineConfig, config_from_dict, dump_resolved, load_config
-from tasks.core.manifest import Stage, require_manifest
+from tasks.core.manifest import Stage, require_manifest, set_verify
 
 log = logging.getLogger("tasks.extract")
 
@@ -165,8 +165,10 @@ def extract(cfg_dict: dict[str, Any]) -> dict[str, Any]:
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description="Extract text and fields from <data root>/raw into extracted/.")
     ap.add_argument("--config", required=True)
+    ap.add_argument("--verify", action="store_true", help="check sha256 of outputs before skipping or reading them")
     ap.add_argument("overrides", nargs="*", help="section.key=value")
     args = ap.parse_args(argv)
+    set_verify(args.verify)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s", force=True)
     cfg = load_config(args.config, args.overrides)
     m = run_extract(cfg)

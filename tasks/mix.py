@@ -56,7 +56,7 @@ import pyarrow.parquet as pq
 from prefect import task
 
 from tasks.core.config import CATEGORIES, PipelineConfig, config_from_dict, dump_resolved, load_config
-from tasks.core.manifest import Stage, require_manifest
+from tasks.core.manifest import Stage, require_manifest, set_verify
 from tasks.core.textio import CategoryWriters, Progress, category_files, dask_executor, iter_batches, num_rows
 
 log = logging.getLogger("tasks.mix")
@@ -377,8 +377,10 @@ def mix(cfg_dict: dict) -> dict:
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description="Mix the training split to the configured category ratios by tokens.")
     ap.add_argument("--config", required=True)
+    ap.add_argument("--verify", action="store_true", help="check sha256 of outputs before skipping or reading them")
     ap.add_argument("overrides", nargs="*", help="section.key=value")
     a = ap.parse_args(argv)
+    set_verify(a.verify)
     # force: importing prefect already configured the root logger at WARNING, which would hide progress
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s", force=True)
     m = run_mix(load_config(a.config, a.overrides))

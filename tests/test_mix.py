@@ -267,7 +267,7 @@ def test_corrupt_or_truncated_segment_is_detected_and_rebuilt(tmp_path, tok, cap
 
 def test_warm_cache_starts_no_worker():
     """A batch with nothing to encode is never submitted: a fully cached run starts no process pool."""
-    import tasks.tokenize.stage as T
+    import tasks.tokenize.cache as T
 
     ref = T.TokenizerRef("hf", "/nonexistent.json", "f" * 64)
     out = list(T.ordered_encode(T.encode_job, ref, ((i, []) for i in range(5)), workers=4))

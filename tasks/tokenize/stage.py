@@ -15,7 +15,7 @@ import pyarrow.parquet as pq
 
 from tasks.core._prefect import task
 from tasks.core.config import CATEGORIES, PipelineConfig, config_from_dict, load_config
-from tasks.core.manifest import Stage, require_manifest
+from tasks.core.manifest import Stage, require_manifest, set_verify
 from tasks.core.textio import Progress, dask_executor, iter_batches
 from tasks.tokenize.cache import (
     KEY_BYTES,
@@ -296,8 +296,10 @@ def tokenize(cfg_dict: dict) -> dict:
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description="Tokenize and pack the mixed corpus into Arrow shards.")
     ap.add_argument("--config", required=True)
+    ap.add_argument("--verify", action="store_true", help="check sha256 of outputs before skipping or reading them")
     ap.add_argument("overrides", nargs="*", help="section.key=value")
     a = ap.parse_args(argv)
+    set_verify(a.verify)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s", force=True)
     m = run_tokenize(load_config(a.config, a.overrides))
     print(f"tokenize: {m['counts']['train']['rows']} training rows, eval categories {list(m['counts']['eval'])}")
