@@ -55,7 +55,7 @@ def _text(rng: random.Random, n_chars: int) -> str:
 
 
 def make_inputs(d: Path, lines: int, big_mb: float, huge_mb: float, garbage: float = 0.01,
-                seed: int = 0) -> dict[str, Any]:
+                seed: int = 0, doc_chars: tuple[int, int] = (300, 2500)) -> dict[str, Any]:
     """Write the datasets under ``d``; returns what the import must find (good records, rejects by reason
     with their line numbers)."""
     rng = random.Random(seed)
@@ -91,7 +91,7 @@ def make_inputs(d: Path, lines: int, big_mb: float, huge_mb: float, garbage: flo
                 f.write(b"\n")  # a blank line is not a record
             else:
                 f.write(json.dumps({"id": f"r{i}", "title": f"Recipe {i}",
-                                    "text": f"Recipe {i}. " + _text(rng, rng.randrange(300, 2500))}).encode() + b"\n")
+                                    "text": f"Recipe {i}. " + _text(rng, rng.randrange(*doc_chars))}).encode() + b"\n")
                 expect["good"] += 1
     art = d / "articles"
     art.mkdir(exist_ok=True)
@@ -195,17 +195,19 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--huge-mb", type=float, default=200)
     ap.add_argument("--max-record-mb", type=float, default=64)
     ap.add_argument("--max-chars", type=int, default=200_000)
+    ap.add_argument("--doc-chars", type=int, nargs=2, default=(200, 800), help="length range of the good documents")
+    ap.add_argument("--stages", nargs="+", default=list(STAGES), choices=STAGES)
     a = ap.parse_args(argv)
     import tempfile
 
     work = Path(a.work or tempfile.mkdtemp(prefix="bench-robust-"))
     t = time.monotonic()
-    expect = make_inputs(work / "in", a.lines, a.big_mb, a.huge_mb)
+    expect = make_inputs(work / "in", a.lines, a.big_mb, a.huge_mb, doc_chars=tuple(a.doc_chars))
     print(f"inputs in {time.monotonic() - t:.0f}s: {work / 'in'}; expected import rejects {expect['rejects']}", flush=True)
     config = write_config(work, work / "in", Path(a.model).resolve(), a.max_record_mb, a.max_chars)
     repo = Path(__file__).resolve().parent.parent
     res = {}
-    for name in STAGES:
+    for name in a.stages:
         res[name] = run_stage(name, config, repo)
         print(json.dumps(summary_rows(res)[-1]), flush=True)
     print(f"\n{'stage':<10}{'in':>10}{'kept':>10}{'quarantined':>12}  {'peak MB (+over imports)':>24}  by reason")

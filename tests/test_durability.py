@@ -122,7 +122,7 @@ def test_publishing_fsyncs_every_file_and_directory_before_the_rename(tmp_path, 
     publish = events.index(("replace", str(tmp_path / "out")))
     before = {p for e, p in events[:publish] if e == "fsync"}
     for rel in ("sub/shard-00000.arrow", "manifest.json", "sub", ""):
-        assert str((tmp_path / "out.partial" / rel)).rstrip("/") in before, rel
+        assert str(tmp_path / "out.partial" / rel).rstrip("/") in before, rel
     assert ("fsync", str(tmp_path)) in events[publish:]  # the rename itself reaches the disk
 
 
