@@ -70,9 +70,9 @@ def test_clean_splits_the_big_document_instead_of_crashing(pipeline):
     _identity(row)
     assert row["in"] == pipeline["rows"]["extract"]["kept"]
     assert c["split_documents"] >= 1 and c["rows_out"] > c["kept"] + 600  # the 5 MB document in ~650 parts
-    import pyarrow.parquet as pq
-
     from collections import Counter
+
+    import pyarrow.parquet as pq
 
     t = pq.read_table(pipeline["root"] / "clean" / "recipes.parquet", columns=["n_chars", "dup_cluster"])
     big_id, n_parts = Counter(t.column("dup_cluster").to_pylist()).most_common(1)[0]
