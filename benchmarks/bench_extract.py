@@ -39,7 +39,6 @@ import os
 import re
 import resource
 import shutil
-import sys
 import tempfile
 import time
 import unicodedata
@@ -50,7 +49,6 @@ from urllib.parse import quote
 
 import pyarrow.parquet as pq
 import yaml
-
 
 N_HOSTS = 16
 PERMISSION = {"evidence_url": "https://example.org/benchmark", "license": "research-benchmark",

@@ -64,11 +64,13 @@ def main(argv: list[str] | None = None) -> int:
     r.add_argument("--force", action="append", default=[], metavar="STAGE",
                    choices=("all", "prepare", *STAGES),
                    help="re-run STAGE even if up to date (repeatable; 'all', 'prepare' or a stage name)")
+    r.add_argument("--verify", action="store_true", help="check every output's sha256 before it is skipped or read")
     r.add_argument("overrides", nargs="*", help="section.key=value")
     s = sub.add_parser("stage", help="run one stage on the previous stage's artifacts, without Prefect")
     s.add_argument("name", choices=STAGES)
     s.add_argument("--config", required=True)
     s.add_argument("--force", action="store_true", help="re-run the stage even if it is up to date")
+    s.add_argument("--verify", action="store_true", help="check every output's sha256 before it is skipped or read")
     s.add_argument("overrides", nargs="*", help="section.key=value")
     v = sub.add_parser("server", help="a Prefect server + UI on 127.0.0.1 serving the deployments (Ctrl-C stops)")
     v.add_argument("--host", default=os.environ.get("D2A_SERVER_HOST", "127.0.0.1"),
@@ -100,7 +102,9 @@ def main(argv: list[str] | None = None) -> int:
         ap.error(f"unrecognized arguments: {' '.join(bad)}")
     a.overrides = [*a.overrides, *extra]
     from tasks.core.config import ConfigError
+    from tasks.core.manifest import DamagedOutput, LockHeld, set_verify
 
+    set_verify(a.verify)  # through the environment: also reaches worker processes
     try:
         if a.cmd == "stage":
             logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s", force=True)
@@ -113,6 +117,9 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as e:
         print(f"config error: {e}", file=sys.stderr)
         return 2
+    except (LockHeld, DamagedOutput) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 3
     print()
     print(f"data-to-adapter finished in {summary['wall_s']:.0f}s")
     print(f"  adapter:     {summary['adapter']}")

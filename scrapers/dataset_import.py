@@ -11,9 +11,11 @@ title, id, original URL and structured fields. Each record becomes one row of
                 or text/html when ``text_format: html`` (body = the HTML, parsed by the category parser)
   decision      imported
 
-Bad input (an undecodable or malformed line, a missing or non-text column, an empty text) is a reject
-naming the file and the line/row; it is counted, kept in ``raw/import_rejects.jsonl``, and the import
-goes on. A file that cannot be read at all is one reject for the rest of that file.
+Bad input (an undecodable or malformed line, a missing or non-text column, an empty text, text that is
+not valid Unicode, a record over ``max_record_bytes``) is a reject naming the file and the line/row; it is
+counted, kept in ``raw/import_rejects.jsonl``, and the import goes on. A file that cannot be read at all
+is one reject for the rest of that file. Memory is bounded by ``max_record_bytes``: a longer JSONL line
+is skipped in 1 MiB reads, never held whole.
 """
 
 from __future__ import annotations
@@ -145,7 +147,7 @@ def fingerprint(src: SourceConfig, cache_path: Path | None = None) -> str:
         tmp.replace(cache_path)
     shape = src.model_dump(mode="json", include={"id", "category", "format", "split", "text_field", "text_format",
                                                  "title_field", "id_field", "url_field", "field_map", "encoding",
-                                                 "max_pages"})
+                                                 "max_pages", "max_record_bytes"})
     shape["license"] = src.permission.license if src.permission else None
     shape["format"] = fmt
     return hashlib.sha256(json.dumps([shape, hashes], sort_keys=True).encode()).hexdigest()
@@ -160,10 +162,19 @@ def _open_bytes(p: Path) -> io.BufferedIOBase:
     return gzip.open(p, "rb") if p.suffix.lower() == ".gz" else open(p, "rb")  # noqa: SIM115
 
 
-def _read_jsonl(p: Path, encoding: str) -> Iterator[Item]:
+def _read_jsonl(p: Path, encoding: str, max_bytes: int) -> Iterator[Item]:
     with _open_bytes(p) as f:
-        for n, raw in enumerate(f, 1):
+        n = 0
+        while raw := f.readline(max_bytes + 1):  # a line is never read past the cap
+            n += 1
             pos = f"line {n}"
+            if len(raw) > max_bytes and not raw.endswith(b"\n"):
+                size = len(raw)
+                while raw and not raw.endswith(b"\n"):
+                    raw = f.readline(1 << 20)
+                    size += len(raw)
+                yield pos, None, ("too_large", f"{size:,} bytes, over max_record_bytes={max_bytes:,}")
+                continue
             if not raw.strip():
                 continue
             try:
@@ -182,8 +193,8 @@ def _read_jsonl(p: Path, encoding: str) -> Iterator[Item]:
             yield pos, rec, None
 
 
-def _read_csv(p: Path, encoding: str, delimiter: str) -> Iterator[Item]:
-    csv.field_size_limit(max(csv.field_size_limit(), CSV_FIELD_LIMIT))
+def _read_csv(p: Path, encoding: str, delimiter: str, max_bytes: int = CSV_FIELD_LIMIT) -> Iterator[Item]:
+    csv.field_size_limit(max_bytes)  # a longer field is a csv.Error: a reject, not unbounded memory
     with _open_bytes(p) as fb, io.TextIOWrapper(fb, encoding=encoding, errors="surrogateescape", newline="") as f:
         reader = csv.reader(f, delimiter=delimiter)
         try:
@@ -227,10 +238,17 @@ def _require_columns(src: SourceConfig, have: list[str], where: str) -> None:
 def _read_parquet(p: Path, src: SourceConfig) -> Iterator[Item]:
     import pyarrow.parquet as pq
 
-    pf = pq.ParquetFile(p)
+    # no pre-buffering (it reads whole column chunks), and fewer rows per batch when rows are long
+    pf = pq.ParquetFile(p, pre_buffer=False, buffer_size=1 << 20)
     _require_columns(src, pf.schema_arrow.names, p.name)
+    md, widest = pf.metadata, 0.0
+    for g in range(md.num_row_groups):
+        rg = md.row_group(g)
+        if rg.num_rows:
+            widest = max(widest, sum(rg.column(c).total_uncompressed_size for c in range(rg.num_columns)) / rg.num_rows)
+    rows = max(1, min(BATCH, int((16 << 20) // widest))) if widest else BATCH
     n = 0
-    for batch in pf.iter_batches(batch_size=BATCH, columns=_columns(src)):
+    for batch in pf.iter_batches(batch_size=rows, columns=_columns(src)):
         for rec in batch.to_pylist():
             yield f"row {n}", rec, None
             n += 1
@@ -295,9 +313,9 @@ def import_rows(src: SourceConfig, stats: ImportStats) -> Iterator[tuple[dict[st
         rel = "" if p == base else p.relative_to(base).as_posix() + "/"
         fetched_at = _iso_mtime(p)
         if fmt == "jsonl":
-            items: Iterator[Item] = _read_jsonl(p, src.encoding)
+            items: Iterator[Item] = _read_jsonl(p, src.encoding, src.max_record_bytes)
         elif fmt in ("csv", "tsv"):
-            items = _read_csv(p, src.encoding, "\t" if fmt == "tsv" else ",")
+            items = _read_csv(p, src.encoding, "\t" if fmt == "tsv" else ",", src.max_record_bytes)
         elif fmt == "parquet":
             items = _read_parquet(p, src)
         else:
@@ -322,6 +340,10 @@ def import_rows(src: SourceConfig, stats: ImportStats) -> Iterator[tuple[dict[st
                 if not text.strip():
                     yield reject(fname, pos, "empty", f"{src.text_field!r} is empty")
                     continue
+                if len(text) > src.max_record_bytes:  # chars <= UTF-8 bytes: a cheap first test
+                    yield reject(fname, pos, "too_large", f"{src.text_field!r} has {len(text):,} characters, "
+                                                          f"over max_record_bytes={src.max_record_bytes:,}")
+                    continue
                 rid = rec.get(src.id_field) if src.id_field else None
                 if src.id_field and (rid is None or str(rid).strip() == ""):
                     yield reject(fname, pos, "missing_field", f"no id in {src.id_field!r}")
@@ -331,13 +353,22 @@ def import_rows(src: SourceConfig, stats: ImportStats) -> Iterator[tuple[dict[st
                 orig = rec.get(src.url_field) if src.url_field else None
                 title = rec.get(src.title_field) if src.title_field else None
                 fields = {k: rec.get(c) for k, c in src.field_map.items()}
-                if src.text_format == "html":
-                    body, ctype = text.encode("utf-8"), "text/html; charset=utf-8"
-                else:
-                    body = json.dumps({"title": str(title) if title is not None else "", "text": text,
-                                       "fields": fields, "file": rel.rstrip("/") or p.name, "position": pos,
-                                       "format": fmt}, ensure_ascii=False, default=str).encode("utf-8")
-                    ctype = RECORD_TYPE
+                try:  # JSON may escape a lone surrogate (\\ud800): valid JSON, not encodable text
+                    if src.text_format == "html":
+                        body, ctype = text.encode("utf-8"), "text/html; charset=utf-8"
+                    else:
+                        body = json.dumps({"title": str(title) if title is not None else "", "text": text,
+                                           "fields": fields, "file": rel.rstrip("/") or p.name, "position": pos,
+                                           "format": fmt}, ensure_ascii=False, default=str).encode("utf-8")
+                        ctype = RECORD_TYPE
+                except UnicodeEncodeError as e:
+                    yield reject(fname, pos, "invalid_unicode", f"{e.reason} ({e.object[e.start:e.end]!r}) at "
+                                                                f"character {e.start} of the record")
+                    continue
+                if len(body) > src.max_record_bytes:
+                    yield reject(fname, pos, "too_large", f"record is {len(body):,} bytes, "
+                                                          f"over max_record_bytes={src.max_record_bytes:,}")
+                    continue
                 stats.rows += 1
                 yield {"url": url, "final_url": str(orig) if orig else url, "fetched_at": fetched_at,
                        "status": None, "etag": None, "last_modified": None, "content_type": ctype,

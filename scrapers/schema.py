@@ -101,6 +101,11 @@ class SourceConfig(Section):
         description="dataset: structured fields to keep, {field name in extracted/: column in the dataset}.",
     )
     encoding: str = Field(default="utf-8", description="dataset: text encoding of JSONL/CSV files.")
+    max_record_bytes: int = Field(
+        default=64 << 20, gt=0,
+        description="dataset: a record (JSONL line, CSV field, text of a row) larger than this is quarantined "
+        "as too_large, read in bounded memory. Long documents below it are split by clean (clean.max_chars).",
+    )
     permission: Permission | None = Field(
         default=None, description="Evidence of permission; a source without it is refused."
     )

@@ -27,6 +27,7 @@ import time
 from collections import Counter, deque
 from collections.abc import Iterator
 from concurrent.futures import ProcessPoolExecutor
+from pathlib import Path
 from typing import Any
 
 import pyarrow as pa
@@ -48,7 +49,9 @@ from tasks.core.manifest import (
     fingerprint,
     read_manifest,
     require_manifest,
+    set_verify,
 )
+from tasks.core.textio import iter_batches
 
 log = logging.getLogger("tasks.extract")
 
@@ -63,8 +66,9 @@ PROGRESS_EVERY_S = 10.0
 
 
 def _raw_batches(path: Any) -> Iterator[list[dict[str, Any]]]:
-    pf = pq.ParquetFile(path)
-    for batch in pf.iter_batches(batch_size=READ_BATCH):
+    # the shared reader: no pre-buffering, and fewer rows per batch when pages are big (a window of
+    # 2 x workers batches in flight stays within ~2 x workers x BATCH_BYTES however large the pages)
+    for batch in iter_batches(Path(path), batch_rows=READ_BATCH):
         yield batch.to_pylist()
 
 
@@ -162,7 +166,7 @@ def _extracted(path: Any, min_text_chars: int, pool: ProcessPoolExecutor | None,
 # the parsers this stage runs (not the fetcher, the test sites or the benchmarks)
 CODE_FILES = ("tasks/extract.py", "scrapers/extract_page.py", "scrapers/common.py", "scrapers/dataset_import.py",
               "scrapers/recipes.py", "scrapers/products.py", "scrapers/articles.py", "scrapers/code.py",
-              "scrapers/additives.py", "scrapers/urls.py")
+              "scrapers/additives.py", "scrapers/urls.py", "tasks/core/textio.py")
 
 
 def run_extract(cfg: PipelineConfig) -> dict[str, Any]:
@@ -256,8 +260,10 @@ def extract(cfg_dict: dict[str, Any]) -> dict[str, Any]:
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description="Extract text and fields from <data root>/raw into extracted/.")
     ap.add_argument("--config", required=True)
+    ap.add_argument("--verify", action="store_true", help="check sha256 of outputs before skipping or reading them")
     ap.add_argument("overrides", nargs="*", help="section.key=value")
     args = ap.parse_args(argv)
+    set_verify(args.verify)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s", force=True)
     cfg = load_config(args.config, args.overrides)
     m = run_extract(cfg)

@@ -56,7 +56,7 @@ import pyarrow.parquet as pq
 
 from tasks.core._prefect import task
 from tasks.core.config import CATEGORIES, PipelineConfig, config_from_dict, dump_resolved, load_config
-from tasks.core.manifest import Stage, require_manifest
+from tasks.core.manifest import Stage, require_manifest, set_verify
 from tasks.core.textio import CategoryWriters, Progress, category_files, dask_executor, iter_batches, num_rows
 
 log = logging.getLogger("tasks.mix")
@@ -324,6 +324,14 @@ def run_mix(cfg: PipelineConfig, tokenizer=None, workers: int | None = None, exe
         if cat in repeats:
             repeats[cat][~m.ok] = 0
     totals["quarantined"] = len(quarantine)
+    totals["quarantined_by_reason"] = {r: sum(1 for q in quarantine if q["reason"] == r)
+                                       for r in sorted({q["reason"] for q in quarantine})}
+    # every row in is available (counted, selectable) or quarantined
+    totals["documents_in"] = sum(num_rows(p) for p in category_files(split_dir, include_unknown=True).values())
+    totals["available_docs"] = int(sum(m.ok.sum() for m in measured3.values()))
+    if totals["documents_in"] != totals["available_docs"] + totals["quarantined"]:
+        raise AssertionError(f"mix: documents_in {totals['documents_in']} != available {totals['available_docs']} "
+                             f"+ quarantined {totals['quarantined']}")
     with stage.building() as work:
         with CategoryWriters(work / "train") as out:
             for cat, path in files.items():
@@ -369,8 +377,10 @@ def mix(cfg_dict: dict) -> dict:
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description="Mix the training split to the configured category ratios by tokens.")
     ap.add_argument("--config", required=True)
+    ap.add_argument("--verify", action="store_true", help="check sha256 of outputs before skipping or reading them")
     ap.add_argument("overrides", nargs="*", help="section.key=value")
     a = ap.parse_args(argv)
+    set_verify(a.verify)
     # force: importing prefect already configured the root logger at WARNING, which would hide progress
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s", force=True)
     m = run_mix(load_config(a.config, a.overrides))

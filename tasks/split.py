@@ -22,7 +22,7 @@ import pyarrow.compute as pc
 
 from tasks.core._prefect import task
 from tasks.core.config import PipelineConfig, config_from_dict, dump_resolved, load_config
-from tasks.core.manifest import Stage, require_manifest
+from tasks.core.manifest import Stage, require_manifest, set_verify
 from tasks.core.textio import CategoryWriters, Progress, category_files, iter_batches, num_rows
 
 log = logging.getLogger("tasks.split")  # stable name also under python -m
@@ -94,8 +94,10 @@ def split(cfg_dict: dict) -> dict:
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description="Split the cleaned corpus into train and eval by a stable hash.")
     ap.add_argument("--config", required=True)
+    ap.add_argument("--verify", action="store_true", help="check sha256 of outputs before skipping or reading them")
     ap.add_argument("overrides", nargs="*", help="section.key=value")
     a = ap.parse_args(argv)
+    set_verify(a.verify)
     # force: importing prefect already configured the root logger at WARNING, which would hide progress
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s", force=True)
     m = run_split(load_config(a.config, a.overrides))

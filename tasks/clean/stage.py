@@ -42,7 +42,7 @@ from tasks.clean.rules import (
 )
 from tasks.core._prefect import task
 from tasks.core.config import CATEGORIES, CleanConfig, PipelineConfig, config_from_dict, dump_resolved, load_config
-from tasks.core.manifest import Stage, code_fingerprint, fingerprint, require_manifest
+from tasks.core.manifest import Stage, code_fingerprint, fingerprint, require_manifest, set_verify
 from tasks.core.textio import (
     CategoryWriters,
     Progress,
@@ -82,6 +82,9 @@ INPUT_KEY_COL = "_input_key"  # staging only: each survivor's input key, for its
 
 
 DEDUP_MEMORY_BYTES = 256 << 20  # what one dedup partition may take while it is sorted
+
+
+OUT_CHUNK_BYTES = 16 << 20  # about the most bytes one output table holds (split documents make many rows)
 
 
 # rows per batch read, cleaned and staged: a batch's texts, their cleaned copies, the Arrow tables and
@@ -454,12 +457,8 @@ def run_clean(cfg: PipelineConfig, workers: int | None = None, executor=None,
                                 clusters_col.append(doc_id)
                         idx += 1
                     if take:
-                        out = pa.Table.from_batches([batch]).drop_columns([INPUT_KEY_COL]).take(pa.array(take, pa.int64()))
-                        out = out.set_column(COLUMNS.index("doc_id"), "doc_id", pa.array(out_ids, pa.string()))
-                        out = out.set_column(COLUMNS.index("text"), "text", pa.array(out_texts, pa.string()))
-                        out = out.append_column("n_chars", pa.array([len(x) for x in out_texts], pa.int64()))
-                        out = out.append_column("dup_cluster", pa.array(clusters_col, pa.string()))
-                        final.write(cat, out)
+                        _write_parts(final, cat, pa.Table.from_batches([batch]).drop_columns([INPUT_KEY_COL]),
+                                     take, out_ids, out_texts, clusters_col)
                         per_cat[cat]["rows_out"] += len(take)
                         per_cat[cat]["chars_out"] += sum(len(x) for x in out_texts)
             written = final.keys
@@ -512,6 +511,33 @@ def run_clean(cfg: PipelineConfig, workers: int | None = None, executor=None,
     return m
 
 
+def _write_parts(final: CategoryWriters, cat: str, t: pa.Table, take: list[int], ids: list[str], texts: list[str],
+                 clusters: list[str], max_bytes: int = OUT_CHUNK_BYTES) -> None:
+    """Write the output rows (``take[j]`` is the input row of part ``j``) in chunks of about
+    ``max_bytes``. A long document's parts each copy the other columns of its row, and one take of
+    all of them overflowed a string array past 2 GiB (a 25 MB document split into 125 parts, text
+    column included: ``ArrowInvalid: Take operation overflowed binary array capacity``); so the text
+    is never taken (it is replaced by the parts) and each take copies a bounded number of bytes."""
+    rest = t.drop_columns(["doc_id", "text"])
+    row_bytes = np.zeros(t.num_rows, np.int64)  # bytes per input row of the columns each part copies
+    for col in rest.columns:
+        if pa.types.is_string(col.type) or pa.types.is_binary(col.type) or pa.types.is_large_string(col.type):
+            row_bytes += pc.fill_null(pc.binary_length(col), 0).to_numpy(zero_copy_only=False).astype(np.int64)
+    start, size = 0, 0
+    for j in range(len(take) + 1):
+        cost = 0 if j == len(take) else len(texts[j]) + int(row_bytes[take[j]])
+        if j == len(take) or (j > start and size + cost > max_bytes):
+            part = rest.take(pa.array(take[start:j], pa.int64()))
+            cols = {"doc_id": pa.array(ids[start:j], pa.string()), "text": pa.array(texts[start:j], pa.string())}
+            out = pa.Table.from_arrays([cols[n] if n in cols else part.column(n) for n in t.column_names],
+                                       names=t.column_names)
+            out = out.append_column("n_chars", pa.array([len(x) for x in texts[start:j]], pa.int64()))
+            out = out.append_column("dup_cluster", pa.array(clusters[start:j], pa.string()))
+            final.write(cat, out)
+            start, size = j, 0
+        size += cost
+
+
 def _relative(path: Path, root: Path) -> str:
     try:
         return str(Path(path).relative_to(root))
@@ -542,9 +568,11 @@ def clean(cfg_dict: dict, workers: int | None = None) -> dict:
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description="Clean and deduplicate the extracted corpus.")
     ap.add_argument("--config", required=True)
+    ap.add_argument("--verify", action="store_true", help="check sha256 of outputs before skipping or reading them")
     ap.add_argument("--workers", type=int, default=None, help="processes for cleaning and MinHash (default clean.workers)")
     ap.add_argument("overrides", nargs="*", help="section.key=value")
     a = ap.parse_args(argv)
+    set_verify(a.verify)
     # force: importing prefect already configured the root logger at WARNING, which would hide progress
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s", force=True)
     m = run_clean(load_config(a.config, a.overrides), workers=a.workers)

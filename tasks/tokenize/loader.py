@@ -37,8 +37,17 @@ class PackedShards:
         if not files:
             raise FileNotFoundError(f"no shards in {shard_dir}")
         self.batches_: list[tuple[np.ndarray, pa.Array, np.ndarray]] = []
+        sizes = _manifest_sizes(Path(shard_dir))
         for f in files:
-            reader = ipc.open_file(pa.memory_map(str(f), "r"))
+            want = sizes.get(f.resolve())
+            if want is not None and f.stat().st_size != want:
+                raise ValueError(f"{f}: {f.stat().st_size:,} bytes, but the tokenize manifest says {want:,}: the shard "
+                                 "is truncated or was overwritten; re-run the tokenize stage (d2a stage tokenize)")
+            try:
+                reader = ipc.open_file(pa.memory_map(str(f), "r"))
+            except (pa.ArrowInvalid, OSError) as e:
+                raise ValueError(f"{f}: not a readable Arrow shard ({e}); it is truncated or corrupt: re-run the "
+                                 "tokenize stage (d2a stage tokenize)") from e
             for k in range(reader.num_record_batches):
                 rb = reader.get_batch(k)
                 seq = rb.schema.field("input_ids").type.list_size
@@ -82,6 +91,22 @@ class PackedShards:
                 b += 1
                 yield DataPosition(epoch, b), self.rows(idx)
             epoch, b = epoch + 1, 0
+
+
+def _manifest_sizes(shard_dir: Path) -> dict[Path, int]:
+    """Recorded byte sizes of the shards, from the tokenize manifest above ``shard_dir`` (train/ or
+    eval/<category>/); empty when there is none (shards written by hand, in tests)."""
+    import json
+
+    for d in (shard_dir.parent, shard_dir.parent.parent):
+        m = d / "manifest.json"
+        if m.is_file():
+            try:
+                sizes = json.loads(m.read_text(encoding="utf-8")).get("sizes") or {}
+            except (OSError, ValueError):
+                return {}
+            return {(d / rel).resolve(): n for rel, n in sizes.items()}
+    return {}
 
 
 def collate(rows: dict[str, Any]):

@@ -15,7 +15,7 @@ import pyarrow.parquet as pq
 
 from tasks.core._prefect import task
 from tasks.core.config import CATEGORIES, PipelineConfig, config_from_dict, load_config
-from tasks.core.manifest import Stage, require_manifest
+from tasks.core.manifest import Stage, require_manifest, set_verify
 from tasks.core.textio import Progress, dask_executor, iter_batches
 from tasks.tokenize.cache import (
     KEY_BYTES,
@@ -78,7 +78,8 @@ def _valid_texts(batch: pa.RecordBatch, row0: int, split: str, cat: str, path: P
     return keep, idx
 
 
-def _train_batches(mix_dir: Path, batch_docs: int, q: Quarantine) -> Iterator[tuple[int, np.ndarray, list[str]]]:
+def _train_batches(mix_dir: Path, batch_docs: int, q: Quarantine,
+                   seen: dict[str, int] | None = None) -> Iterator[tuple[int, np.ndarray, list[str]]]:
     """(category id, cache keys, texts) batches of the training stream, streamed from the mix files
     (the keys are mix's ``text_hash`` column, or computed here for a file without it).
 
@@ -92,6 +93,8 @@ def _train_batches(mix_dir: Path, batch_docs: int, q: Quarantine) -> Iterator[tu
             for row0, b in _numbered(iter_batches(p, ["doc_id"], batch_docs)):
                 for i, d in enumerate(b.column("doc_id").to_pylist()):
                     q.add("train", p.stem, p, row0 + i, d, "unknown category")
+                if seen is not None:
+                    seen["in"] += b.num_rows
     sizes = {c: pq.ParquetFile(p).metadata.num_rows for c, p in files.items()}
     hashed = {c: _has_text_hash(p) for c, p in files.items()}
     max_rep = max((int(pc.max(pq.read_table(p, columns=["repeat"]).column("repeat")).as_py() or 1)
@@ -115,6 +118,9 @@ def _train_batches(mix_dir: Path, batch_docs: int, q: Quarantine) -> Iterator[tu
             b = b.take(pa.array(sel))
             # quarantine only once (in the first pass), not once per copy
             texts, idx = _valid_texts(b, row0, "train", cat, files[cat], q if rep == 0 else Quarantine())
+            if rep == 0 and seen is not None:  # distinct documents: each counted in its first copy only
+                seen["in"] += b.num_rows
+                seen["packed"] += len(texts)
             if texts:
                 keys = keys_numpy(b.column("text_hash").take(pa.array(idx))) if hashed[cat] else text_keys(texts)
                 yield CATEGORIES.index(cat), keys, texts
@@ -197,6 +203,7 @@ def run_tokenize(cfg: PipelineConfig, tokenizer=None, workers: int | None = None
             yield ctx, out
 
     t0 = time.time()
+    seen = {"train": {"in": 0, "packed": 0}, "eval": {"in": 0, "packed": 0}}
     with stage.building() as work:
         # training stream: mixed categories, packed, then rows shuffled globally
         w = ShardWriter(work / "train", tc.seq_len, vocab, tc.rows_per_shard)
@@ -209,7 +216,7 @@ def run_tokenize(cfg: PipelineConfig, tokenizer=None, workers: int | None = None
         docs_per_cat = dict.fromkeys(CATEGORIES, 0)
         prog = Progress(log, "tokenize train", unit="tokens")
         train = ((cat_id, cache.scope("train", CATEGORIES[cat_id]), keys, texts)
-                 for cat_id, keys, texts in _train_batches(root / "mix" / "train", tc.batch_docs, q))
+                 for cat_id, keys, texts in _train_batches(root / "mix" / "train", tc.batch_docs, q, seen["train"]))
         for cat_id, ids_list in resolved(train):
             n0 = packer.tokens
             for ids in ids_list:
@@ -238,6 +245,8 @@ def run_tokenize(cfg: PipelineConfig, tokenizer=None, workers: int | None = None
             def eval_batches(p=p, cat=cat, scope=scope, live=live):
                 for row0, b in _numbered(iter_batches(p, ["doc_id", "text"], tc.batch_docs)):
                     texts, _ = _valid_texts(b, row0, "eval", cat, p, q)
+                    seen["eval"]["in"] += b.num_rows
+                    seen["eval"]["packed"] += len(texts)
                     if texts:
                         live.append(text_keys(texts))
                         yield None, scope, live[-1], texts
@@ -253,6 +262,12 @@ def run_tokenize(cfg: PipelineConfig, tokenizer=None, workers: int | None = None
         cache.prune("eval", [c for c in CATEGORIES if (root / "split" / "eval" / f"{c}.parquet").is_file()])
         q.write(work / "quarantine.parquet")
         counts["quarantined"] = len(q.rows)
+        # distinct documents in (mix rows, eval rows) = packed + quarantined
+        counts["documents_in"] = seen["train"]["in"] + seen["eval"]["in"]
+        counts["documents_packed"] = seen["train"]["packed"] + seen["eval"]["packed"]
+        if counts["documents_in"] != counts["documents_packed"] + len(q.rows):
+            raise AssertionError(f"tokenize: documents_in {counts['documents_in']} != packed "
+                                 f"{counts['documents_packed']} + quarantined {len(q.rows)}")
         counts["quarantined_by_reason"] = {r: sum(1 for x in q.rows if x["reason"] == r) for r in sorted({x["reason"] for x in q.rows})}
         if q.rows:
             log.warning("tokenize: %d row(s) quarantined %s (see %s)", len(q.rows), counts["quarantined_by_reason"],
@@ -282,8 +297,10 @@ def tokenize(cfg_dict: dict) -> dict:
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description="Tokenize and pack the mixed corpus into Arrow shards.")
     ap.add_argument("--config", required=True)
+    ap.add_argument("--verify", action="store_true", help="check sha256 of outputs before skipping or reading them")
     ap.add_argument("overrides", nargs="*", help="section.key=value")
     a = ap.parse_args(argv)
+    set_verify(a.verify)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s", force=True)
     m = run_tokenize(load_config(a.config, a.overrides))
     print(f"tokenize: {m['counts']['train']['rows']} training rows, eval categories {list(m['counts']['eval'])}")

@@ -15,6 +15,8 @@ from pathlib import Path
 from typing import Any
 
 from tasks.core.manifest import (
+    fsync_dir,
+    fsync_tree,
     library_versions,
     sha256_file,
     write_json_atomic,
@@ -175,8 +177,10 @@ def save_checkpoint(run_dir: Path, acc, model, opt, sched, state: dict[str, Any]
                     os.fsync(fh.fileno())
         write_json_atomic(tmp / "checkpoint.json", {"step": state["step"], "eval_loss": state.get("eval_loss"),
                                                     "files": _tensor_files(tmp)})
+        fsync_tree(tmp)  # directories too: the rename must not overtake their entries
         shutil.rmtree(final, ignore_errors=True)
         os.replace(tmp, final)
+        fsync_dir(ck_root)
         prune_checkpoints(run_dir, tc.keep_checkpoints, tc.keep_best, protect=final)
     acc.wait_for_everyone()
     return final

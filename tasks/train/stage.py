@@ -21,6 +21,7 @@ from tasks.core.config import (
 )
 from tasks.core.manifest import (
     Stage,
+    exclusive,
     require_manifest,
 )
 from tasks.train.supervisor import (
@@ -56,7 +57,7 @@ def train_stage(cfg: PipelineConfig) -> tuple[Stage, Path]:
     # out of the run's identity (every node of a multi-node run must compute the same run dir)
     for k in ("num_threads", "node_rank", "rdzv_endpoint", "launcher"):
         sections["train"].pop(k)
-    stage = Stage("train", Path(), {**sections, "seed": cfg.seed}, {"tokenized": tok_m["fingerprint"]})
+    stage = Stage("train", Path(), {**sections, "seed": cfg.seed}, {"tokenized": tok_m["fingerprint"]}, locks=False)
     stage.out_dir = cfg.root / "runs" / f"{cfg.run_name}-{stage.fingerprint[:10]}"
     return stage, tok_dir
 
@@ -125,12 +126,13 @@ def launch_command(cfg: PipelineConfig, run_dir: Path) -> list[str]:
     return [*cmd, *worker]
 
 
-def prepare_run(cfg: PipelineConfig) -> tuple[Path, list[str] | None, dict[str, Any] | None]:
+def prepare_run(cfg: PipelineConfig, _stage: tuple[Stage, Path] | None = None
+                ) -> tuple[Path, list[str] | None, dict[str, Any] | None]:
     """Write the run directory's inputs; return (run_dir, launch command, None), or
     (run_dir, None, manifest) when the run is already complete."""
     from tasks.core.model import quantization_record, resolve_base
 
-    stage, tok_dir = train_stage(cfg)
+    stage, tok_dir = _stage or train_stage(cfg)
     run_dir = stage.out_dir
     if done := stage.up_to_date():
         return run_dir, None, done
@@ -153,8 +155,19 @@ def prepare_run(cfg: PipelineConfig) -> tuple[Path, list[str] | None, dict[str, 
 
 
 def run_train(cfg: PipelineConfig, logger: logging.Logger | None = None) -> dict[str, Any]:
+    """Train (or resume) in the run directory, holding its lock: a second run of the same run
+    directory (on this node of it) fails at once naming the holder."""
     logger = logger or log
-    run_dir, cmd, done = prepare_run(cfg)
+    stage = train_stage(cfg)
+    lock = stage[0].lock_path
+    if cfg.train.nnodes > 1:  # every node supervises its own workers in the shared run directory
+        lock = lock.with_name(f"{stage[0].out_dir.name}.node{cfg.train.node_rank}.lock")
+    with exclusive(lock, f"training run {stage[0].out_dir}"):
+        return _run_train_locked(cfg, logger, stage)
+
+
+def _run_train_locked(cfg: PipelineConfig, logger: logging.Logger, stage: tuple[Stage, Path]) -> dict[str, Any]:
+    run_dir, cmd, done = prepare_run(cfg, stage)
     if done:
         logger.info("train: up to date (%s)", run_dir)
         return done
