@@ -35,6 +35,7 @@ from tasks.train.checkpoint import (
     save_adapter,
     save_checkpoint,
 )
+from tasks.train.early_stop import EarlyStop
 from tasks.train.faults import DebugHooks
 from tasks.train.guard import Guard
 from tasks.train.plan import plan_steps
@@ -85,6 +86,9 @@ class State:
     step: int = 0
     tokens_seen: int = 0
     pos: Any = None  # DataPosition after the newest micro-batch: resume in O(1)
+    early: EarlyStop | None = None  # train.early_stopping's memory; saved in every checkpoint
+    eval_rows: dict[str, int] = field(default_factory=dict)  # the fixed periodic-eval sample per category
+    stop_reason: str | None = None  # why training ended (manifest, metrics, log)
     # the run (set by setup)
     run_dir: Path | None = None
     cfg: Any = None  # PipelineConfig
@@ -184,6 +188,7 @@ def setup(run_dir: Path) -> State:
               inputs=inputs, tok=tok, tok_fp=tok_fp, train_set=train_set, eval_sets=eval_sets)
     if ck is not None:
         _restore(s, ck, ck_state, rollback)
+    s.early = EarlyStop.from_config(tc.early_stopping, ck_state.get("early_stopping"))
 
     # preemption: SIGTERM/SIGINT (or losing the supervisor) finish the step, save, exit 75
     def _on_signal(signum, _frame):
@@ -206,6 +211,8 @@ def setup(run_dir: Path) -> State:
         print(f"training {plan['total_steps']} steps ({plan['steps_per_epoch']}/epoch, {_total_tokens(s):,} tokens) "
               f"of {plan['tokens_per_step']:,} tokens on {s.world} process(es); "
               f"{sum(p.numel() for p in params):,} trainable parameters", flush=True)
+    if eval_sets:
+        s.eval_rows = _eval_sample(s, ck_state.get("eval_rows"))
     return s
 
 
@@ -408,10 +415,13 @@ def loop(s: State) -> int | None:
         if r.diverged:
             return _diverge(s, r.diverged)
         _log_step(s, r)
+        new_best = False
         if s.eval_sets and (s.step % plan["eval_every"] == 0 or s.step == total):
-            _evaluate(s)
+            new_best, s.stop_reason = _evaluate(s)
+        # with early stopping, every new lowest held-out loss is checkpointed: that adapter is the one kept
+        keep = new_best and s.early.enabled
         try:
-            if s.step % plan["save_every"] == 0 or s.step == total or r.stopping:
+            if s.step % plan["save_every"] == 0 or s.step == total or r.stopping or keep or s.stop_reason:
                 _save(s)
         except NonFiniteWeights as e:  # never written; the last good checkpoint is the way back
             return _diverge(s, str(e))
@@ -422,7 +432,20 @@ def loop(s: State) -> int | None:
                 write_json_atomic(s.run_dir / PREEMPTED_MARK, {"step": s.step, "orphaned": s.stop["orphaned"]})
                 print(f"preempted: saved step {s.step}; exiting with status {EXIT_PREEMPTED}", flush=True)
             return _close(s, EXIT_PREEMPTED)
+        if s.stop_reason:
+            s.tracker.log({"step": s.step, "event": "early_stop", "reason": s.stop_reason})
+            return None
+    s.stop_reason = _budget_reason(s)
     return None
+
+
+def _budget_reason(s: State) -> str:
+    tc, n = s.tc, s.plan["total_steps"]
+    if tc.max_steps:
+        return f"reached train.max_steps={tc.max_steps}"
+    if tc.max_tokens:
+        return f"reached the token budget train.max_tokens={tc.max_tokens:,} ({n} steps, {_total_tokens(s):,} tokens)"
+    return f"completed train.epochs={tc.epochs:g} ({n} steps)"
 
 
 def _total_tokens(s: State) -> int:
@@ -470,20 +493,76 @@ def _sample_ids(s: State, positions: list) -> list[int]:
     return out
 
 
-def _evaluate(s: State) -> None:
-    """Held-out loss on the fixed periodic-eval sample."""
+def _eval_model(s: State):
+    return s.model if s.fsdp else s.acc.unwrap_model(s.model)
+
+
+def _all_reduce(s: State):
+    return (lambda t: s.acc.reduce(t, reduction="sum")) if s.world > 1 else None
+
+
+def _eval_sample(s: State, saved: dict[str, int] | None) -> dict[str, int]:
+    """Rows per category of the periodic-eval sample: fixed for the whole run (a resumed run reads
+    back what the first launch measured). auto: the per-row loss spread on a pilot of
+    train.eval_pilot_rows rows (the model as it starts: the base, or init_adapter) gives the rows for
+    a standard error below early_stopping.min_delta (tasks.evaluate.rows_for_standard_error)."""
+    import statistics
+
+    from accelerate.utils import gather_object
+
+    from tasks.evaluate import row_losses, rows_for_standard_error
+
+    tc = s.tc
+    want = tc.eval_rows_per_category
+    if want is None:
+        return dict.fromkeys(s.eval_sets, tc.eval_batches * tc.micro_batch_size)
+    if want != "auto":
+        return dict.fromkeys(s.eval_sets, want)
+    if saved:
+        return saved
+    target = tc.early_stopping.min_delta
+    mine = row_losses(_eval_model(s), s.eval_sets, tc.eval_pilot_rows, s.device, s.rank, s.world)
+    everyone = gather_object([mine])  # every rank's share, so every rank computes the same sizes
+    rows, stds = {}, {}
+    for cat, shards in s.eval_sets.items():
+        vals = [v for part in everyone for v in part[cat]]
+        stds[cat] = statistics.stdev(vals) if len(vals) > 1 else 0.0
+        rows[cat] = min(len(shards), tc.eval_max_rows_per_category, rows_for_standard_error(stds[cat], target))
+    se = {c: stds[c] / rows[c] ** 0.5 for c in rows}
+    s.tracker.log({"step": s.step, "event": "eval_sample", "rows": rows, "row_loss_std": stds,
+                   "standard_error": se, "target_standard_error": target, "pilot_rows": tc.eval_pilot_rows,
+                   "tokens_per_eval": sum(rows.values()) * s.train_set.seq_len})
+    if s.main:
+        print("periodic eval sample: " + ", ".join(
+            f"{c} {rows[c]} rows (std {stds[c]:.3f}, SE {se[c]:.4f})" for c in rows)
+            + f"; target SE {target} (train.early_stopping.min_delta)", flush=True)
+        short = [c for c in rows if se[c] > target]
+        if short:
+            print(f"warning: periodic eval sample too small for SE < {target} in {', '.join(short)} "
+                  f"(held-out rows or train.eval_max_rows_per_category={tc.eval_max_rows_per_category} bound it)",
+                  flush=True)
+    return rows
+
+
+def _evaluate(s: State) -> tuple[bool, str | None]:
+    """Held-out loss on the fixed periodic-eval sample, each rank evaluating its share; returns
+    (a new lowest loss, why early stopping ends training now or None)."""
     from tasks.evaluate import eval_losses
 
-    mb = s.tc.micro_batch_size
-    res = eval_losses(s.model if s.fsdp else s.acc.unwrap_model(s.model), s.eval_sets,
-                      max_rows=s.tc.eval_batches * mb, batch_size=mb, device=s.device)
+    res = eval_losses(_eval_model(s), s.eval_sets, max_rows=s.eval_rows, batch_size=s.tc.micro_batch_size,
+                      device=s.device, rank=s.rank, world=s.world, all_reduce=_all_reduce(s))
     ev = {"step": s.step, "eval_loss": res["overall"]["loss"],
           **{f"eval_loss/{c}": r["loss"] for c, r in res["categories"].items()}}
     s.last_eval = (s.step, ev["eval_loss"])
+    new_best, stop = s.early.update(s.step, ev["eval_loss"])
+    ev["evals_without_improvement"] = s.early.evals_without_improvement
     s.tracker.log(ev)
     if s.main:
         print(f"eval @ {s.step}: loss {ev['eval_loss']:.4f} | " +
               " ".join(f"{c} {r['loss']:.3f}" for c, r in res["categories"].items()), flush=True)
+        if stop:
+            print(f"step {s.step}: {stop}", flush=True)
+    return new_best, stop
 
 
 def _save(s: State) -> None:
@@ -496,6 +575,7 @@ def _save(s: State) -> None:
         "world_size": s.world, "tokens_per_step": s.plan["tokens_per_step"], "seq_len": s.train_set.seq_len,
         "train_fingerprint": s.inputs["stage_fingerprint"], "config_fingerprint": fingerprint(s.cfg.model_dump(mode="json")),
         "tokenizer_fingerprint": s.tok_fp, "tokenized": s.inputs["stage_inputs"]["tokenized"],
+        "early_stopping": s.early.state(), "eval_rows": s.eval_rows,
     }, s.tc, s.params, fsdp=s.fsdp, pause_s=s.hooks.ckpt_pause_s if s.hooks.ckpt_pause_step == step else 0.0)
     s.guard.lr_factor_vs_ck = 1.0
     if s.main:
@@ -518,13 +598,25 @@ def _close(s: State, code: int) -> int:
 # ---------------------------------------------------------------------------------- the end
 def finish(s: State) -> int:
     """The final adapter, in plain PEFT format (safetensors), with what inference must reproduce
-    (quantization, lineage), and the run's manifest.json: the stage's output."""
+    (quantization, lineage), and the run's manifest.json: the stage's output. With early stopping
+    on, the adapter is the best one (lowest held-out loss), copied from its checkpoint."""
     run_dir, cfg, inputs = s.run_dir, s.cfg, s.inputs
     final, tmp = run_dir / "adapter", run_dir / "adapter.partial"
     if s.main:
         shutil.rmtree(tmp, ignore_errors=True)
-    save_adapter(s.acc, s.model, tmp, s.fsdp)
+    best_ck = _best_checkpoint(s)
+    adapter_step = s.step
+    if best_ck is not None:  # the same files save_adapter wrote into the checkpoint
+        adapter_step = s.early.best_step
+        if s.main:
+            shutil.copytree(best_ck / "adapter", tmp)
+    else:
+        save_adapter(s.acc, s.model, tmp, s.fsdp)
+    s.tracker.log({"step": s.step, "event": "stopped", "reason": s.stop_reason, "adapter_step": adapter_step,
+                   "best_eval_loss": s.early.best_value()})
     if s.main:
+        print(f"training stopped at step {s.step}: {s.stop_reason}; adapter from step {adapter_step}"
+              + (f" (held-out loss {s.early.best:.4f})" if best_ck is not None else ""), flush=True)
         s.tok.save_pretrained(tmp)
         bias = portable_adapter_config(tmp, cfg.model.name)
         write_json_atomic(tmp / "quantization.json", inputs["quantization"])
@@ -539,6 +631,8 @@ def finish(s: State) -> int:
             "counts": {"steps": s.step, "tokens_seen": s.tokens_seen, "skipped_steps": s.guard.skipped,
                        "rollbacks": s.guard.rollbacks, "train_rows": len(s.train_set), "final_loss": s.loss,
                        "world_size": s.world, "wall_s": round(time.time() - s.t_start, 1)},
+            "stop_reason": s.stop_reason, "adapter_step": adapter_step, "best_eval_loss": s.early.best_value(),
+            "best_eval_step": s.early.best_step, "eval_rows_per_category": s.eval_rows,
             "run_dir": str(run_dir), "adapter": str(final),
             "files": {f"adapter/{k}": v for k, v in _tensor_files(final).items()},
             "versions": library_versions(),
@@ -546,6 +640,18 @@ def finish(s: State) -> int:
         })
         print(f"adapter saved to {final}", flush=True)
     return _close(s, 0)
+
+
+def _best_checkpoint(s: State) -> Path | None:
+    """With early stopping, the checkpoint of the lowest held-out loss (None: keep the current model)."""
+    if not (s.early.enabled and s.early.best_step is not None):
+        return None
+    ck = s.run_dir / "checkpoints" / f"step-{s.early.best_step}"
+    if not (ck / "adapter" / "adapter_model.safetensors").is_file():  # every rank sees the same shared run dir
+        if s.main:
+            print(f"warning: the best checkpoint {ck.name} is gone; keeping the adapter of step {s.step}", flush=True)
+        return None
+    return ck
 
 
 def train_worker(run_dir: Path) -> int:
