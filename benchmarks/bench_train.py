@@ -16,7 +16,10 @@ and the loss of its first and last step, all rows side by side in one table:
 - seed: ``prepare_model_for_kbit_training`` (fp32 up-casting, reentrant full recompute) + PEFT, as
   in the seed's notebook; plain causal batches (attention crosses document boundaries).
 - project: ``tasks/train/`` with the fast path off: bf16 everywhere, non-reentrant gradient
-  checkpointing, packed rows with per-document attention through transformers' SDPA mask.
+  checkpointing, packed rows with per-document attention through transformers' SDPA mask. Every
+  project row times the worker's own step function (``tasks.train.worker.train_step``: forward,
+  backward, clip, the all-reduced guard decision, PagedAdamW8bit, the schedule), so the table
+  measures the code that trains; the seed row times the notebook's step.
 - project+<switch>...: one lever at a time (``--paths project+varlen,project+varlen+fastlora``);
 - speed / lowmem: the two operating points of issue 6 (``PRESETS``), i.e. tasks/train/ with
   ``train.gradient_checkpointing=false train.micro_batch_size=4`` / ``train.activation_offload=true``.
@@ -162,32 +165,76 @@ def batches(data: Path | None, cfg, batch: int, seq_len: int, n: int, seed: int 
     return [{"input_ids": x, "labels": x.clone(), "position_ids": torch.arange(seq_len).expand(batch, -1).clone()} for x in ids]
 
 
-def run_path(name: str, model, data, steps: int, warmup: int, lr: float, device, seed_collator: bool = False) -> dict:
+def run_seed_path(name: str, model, data, steps: int, warmup: int, lr: float, device) -> dict:
+    """The seed notebook's step, written out as the notebook's Trainer does it: forward, backward,
+    clip, PagedAdamW8bit, on plain causal LM batches (its collator knows no document boundaries)."""
     import bitsandbytes as bnb
     import torch
 
     params = [p for p in model.parameters() if p.requires_grad]
     opt = bnb.optim.PagedAdamW8bit(params, lr=lr)
     model.train()
+
+    def step(b: dict) -> float:
+        b = {k: v.to(device) for k, v in b.items()}
+        loss = model(input_ids=b["input_ids"], labels=b["input_ids"], use_cache=False).loss
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        return float(loss.detach())
+
+    return _time_steps(name, step, data, steps, warmup, device)
+
+
+def run_project_path(name: str, model, data, steps: int, warmup: int, lr: float, device) -> dict:
+    """The worker's real step, ``tasks.train.worker.train_step``, on a State built as the worker's
+    setup builds it for one process (accelerate-prepared model and optimizer, the worker's optimizer
+    and divergence guard): forward/backward, clip, the all-reduced decision, the update, the schedule.
+    One micro-batch per step (the table's batch is the micro-batch; accumulation repeats the same work)."""
+    from accelerate import Accelerator
+    from transformers import get_scheduler
+
+    from tasks.core.config import TrainConfig
+    from tasks.tokenize.loader import DataPosition
+    from tasks.train.guard import Guard
+    from tasks.train.worker import State, build_optimizer, train_step
+
+    batch = data[0]["input_ids"].shape[0]
+    tc = TrainConfig(micro_batch_size=batch, grad_accum=1, lr=lr, warmup_steps=0, scheduler="constant",
+                     max_grad_norm=1.0, optimizer="paged_adamw_8bit")
+    acc = Accelerator(cpu=device.type != "cuda")
+    model = acc.prepare(model)
+    params = [p for p in model.parameters() if p.requires_grad]
+    opt = acc.prepare(build_optimizer(tc, params))
+    state = State(tc=tc, acc=acc, model=model, params=params, opt=opt, sched=get_scheduler("constant", opt),
+                  plan={"tokens_per_step": data[0]["input_ids"].numel(), "batches_per_epoch": len(data)},
+                  guard=Guard(tc))
+
+    def step(b: dict) -> float:
+        r = train_step(state, [(DataPosition(0, state.step + 1), b)])
+        if r.skipped:
+            raise RuntimeError(f"step {state.step} skipped by the divergence guard: {r.skipped}")
+        return r.loss
+
+    return _time_steps(name, step, data, steps, warmup, device)
+
+
+def _time_steps(name: str, step, data, steps: int, warmup: int, device) -> dict:
+    """Median wall time of ``step(batch)`` after ``warmup`` untimed steps (GPU synchronised)."""
+    import torch
+
     if device.type == "cuda":
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
     losses, times = [], []
     for s in range(warmup + steps):
         b = data[s % len(data)]
-        if seed_collator:  # the notebook's collator: plain causal LM batches, no document boundaries
-            b = {"input_ids": b["input_ids"], "labels": b["input_ids"]}
-        b = {k: v.to(device) for k, v in b.items()}
         t0 = time.perf_counter()
-        loss = model(**b, use_cache=False).loss
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(params, 1.0)
-        opt.step()
-        opt.zero_grad(set_to_none=True)
+        losses.append(step(b))
         if device.type == "cuda":
             torch.cuda.synchronize()
         dt = time.perf_counter() - t0
-        losses.append(float(loss.detach()))
         if s >= warmup:
             times.append(dt)
         print(f"  {name} step {s}: loss {losses[-1]:.4f}  {dt:.2f}s", flush=True)
@@ -197,7 +244,6 @@ def run_path(name: str, model, data, steps: int, warmup: int, lr: float, device,
     cuda = device.type == "cuda"
     peak = torch.cuda.max_memory_allocated() / 2**30 if cuda else float("nan")
     reserved = torch.cuda.max_memory_reserved() / 2**30 if cuda else float("nan")
-    del opt
     return {"path": name, "batch": data[0]["input_ids"].shape[0], "tokens_per_s": tokens / med, "step_s_median": med,
             "peak_gib": peak, "reserved_gib": reserved, "first_loss": losses[0], "last_loss": losses[-1],
             "losses": losses}
@@ -398,8 +444,8 @@ def run(args) -> None:
             pm = get_peft_model(model, lora_cfg(args.lora_dropout if row["dropout"] is None else row["dropout"]))
             if not row["seed"]:
                 fastpath.prepare_peft(pm, fp)
-            r = run_path(row["label"], pm, data_by_batch[row["batch"]], args.steps, args.warmup, 2e-4, device,
-                         seed_collator=row["seed"])
+            run_row = run_seed_path if row["seed"] else run_project_path
+            r = run_row(row["label"], pm, data_by_batch[row["batch"]], args.steps, args.warmup, 2e-4, device)
             if args.profile and cuda:
                 profile_step(row["label"], pm, data_by_batch[row["batch"]][0], device, args.profile, args.trace)
             off = getattr(model, "_d2a_offload", None)
@@ -460,8 +506,8 @@ def bench_kernels(args) -> None:
     for name, shape in shapes.items():
         w = torch.randn(shape, device="cuda", dtype=torch.bfloat16) * 0.02
         qw, qs = F.quantize_4bit(w, blocksize=64, compress_statistics=True, quant_type="nf4")
-        t_bnb = do_bench(lambda: F.dequantize_4bit(qw, qs), warmup=10, rep=50)
-        t_tri = [do_bench(lambda r=r: kernels.dequantize_nf4(qw, qs, rows=r), warmup=10, rep=50) for r in rows]
+        t_bnb = do_bench(lambda qw=qw, qs=qs: F.dequantize_4bit(qw, qs), warmup=10, rep=50)
+        t_tri = [do_bench(lambda r=r, qw=qw, qs=qs: kernels.dequantize_nf4(qw, qs, rows=r), warmup=10, rep=50) for r in rows]
         nbytes = qw.numel() + w.numel() * 2 + qs.absmax.numel()  # read packed + absmax, write bf16
         eq = all(torch.equal(F.dequantize_4bit(qw, qs).view(shape), kernels.dequantize_nf4(qw, qs, rows=r)) for r in rows)
         n = 3 if name == "gate/up/down" else 2 if name == "k/v" else 1

@@ -37,7 +37,7 @@ def test_rerun_on_unchanged_inputs_skips_every_stage_but_the_scrape(world):
 
     p, config = world
     root = p.root
-    (tok,) = list((root / "tokenized").iterdir())
+    (tok,) = [p for p in (root / "tokenized").iterdir() if p.is_dir()]  # not its .lock
     (run,) = [d for d in (root / "runs").iterdir() if d.is_dir()]
     dirs = [root / "extracted", root / "clean", root / "split", root / "mix", tok, run]
     before = {d: _created(d) for d in dirs}

@@ -88,7 +88,7 @@ def test_prefect_recorded_the_flow_and_its_stages(dag):
 
 def test_every_stage_wrote_its_manifest(dag):
     root, _, summary, *_ = dag
-    (tok_dir,) = (root / "tokenized").iterdir()
+    (tok_dir,) = [p for p in (root / "tokenized").iterdir() if p.is_dir()]  # beside it: its .lock file
     run = Path(summary["run_dir"])
     stages = {"scrape": root / "raw", "extract": root / "extracted", "clean": root / "clean", "split": root / "split",
               "mix": root / "mix", "tokenize": tok_dir, "train": run}
@@ -130,7 +130,7 @@ def test_the_flow_plans_the_steps_the_worker_ran(dag):
     from tasks.core.config import load_config
 
     root, config, summary, *_ = dag
-    (tok_dir,) = (root / "tokenized").iterdir()
+    (tok_dir,) = [p for p in (root / "tokenized").iterdir() if p.is_dir()]  # beside it: its .lock file
     steps = [r["step"] for r in read_metrics(summary["run_dir"]) if "loss" in r]
     assert steps[-1] == STEPS
     assert expected_steps(load_config(str(config)), _m(tok_dir)) == STEPS

@@ -133,7 +133,7 @@ def test_a_truncated_shard_is_detected_and_tokenize_rebuilds_it(tmp_path, tiny_m
     from tasks.tokenize.stage import run_tokenize
 
     cfg = prepare_tokenized(tmp_path / "root", tiny_model_dir)
-    out = next((tmp_path / "root" / "tokenized").iterdir())
+    out = next(p for p in (tmp_path / "root" / "tokenized").iterdir() if p.is_dir())
     m1 = json.loads((out / "manifest.json").read_text())
     shard = out / "train" / "shard-00000.arrow"
     whole = shard.read_bytes()

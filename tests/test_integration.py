@@ -77,7 +77,7 @@ def test_no_disallowed_page_was_requested(demo_run):
 def test_every_manifest_exists_and_counts_add_up(demo_run):
     root, summary, _, _ = demo_run
     raw, ext, cln, spl, mix = (_m(root / d) for d in ("raw", "extracted", "clean", "split", "mix"))
-    (tok_dir,) = list((root / "tokenized").iterdir())
+    (tok_dir,) = [p for p in (root / "tokenized").iterdir() if p.is_dir()]  # not its .lock
     tok = _m(tok_dir)
     run = Path(summary["run_dir"])
     train = _m(run)

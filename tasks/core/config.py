@@ -166,6 +166,21 @@ class LoraConfig(Section):
     bias: Literal["none", "all", "lora_only"] = "all"
 
 
+class EarlyStoppingConfig(Section):
+    """Stop when the held-out loss has stopped improving. Decided at each periodic evaluation
+    (train.eval_every), on the token-weighted loss over every category's fixed sample; the adapter the
+    run keeps is the one with the lowest held-out loss (a checkpoint is written whenever a new lowest
+    loss is measured, and train.keep_best keeps it)."""
+
+    enabled: bool = Field(default=False, description="Stop early when held-out loss stops improving.")
+    patience: int = Field(
+        default=3, ge=1, description="Evaluations in a row without an improvement of min_delta that stop training.")
+    min_delta: float = Field(
+        default=0.01, gt=0,
+        description="Smallest drop of held-out loss (nats/token) that counts as an improvement. Also the "
+                    "standard error that eval_rows_per_category=auto sizes the held-out sample for.")
+
+
 class TrainConfig(Section):
     """Training. The clock of the schedule is the optimizer step; token-valued fields
     (``max_tokens``, ``warmup_tokens``, ``eval_every_tokens``, ``save_every_tokens``) are converted
@@ -179,7 +194,8 @@ class TrainConfig(Section):
     epochs: float = Field(default=2, gt=0, description="Passes over the packed training rows (unless max_tokens/max_steps).")
     max_tokens: int | None = Field(
         default=None, ge=1,
-        description="Training-token budget ('N tokens'); overrides epochs. Converted to steps once (see the class doc).",
+        description="Training-token budget ('N tokens'): the run trains this many tokens (fewer when early stopping "
+                    "ends it); overrides epochs. Converted to steps once (see the class doc).",
     )
     max_steps: int | None = Field(default=None, ge=1, description="Optimizer steps; overrides epochs and max_tokens.")
     lr: float = Field(default=2e-4, gt=0)
@@ -198,7 +214,19 @@ class TrainConfig(Section):
         description="Newest checkpoints kept on disk; the best by eval loss is kept as well (keep_best).",
     )
     keep_best: bool = Field(default=True, description="Never delete the checkpoint with the lowest eval loss.")
-    eval_batches: int = Field(default=8, ge=1, description="Micro-batches per category for periodic eval.")
+    eval_batches: int = Field(
+        default=8, ge=1, description="Micro-batches per category for periodic eval (when eval_rows_per_category is unset).")
+    eval_rows_per_category: int | Literal["auto"] | None = Field(
+        default=None,
+        description="Held-out packed rows per category for periodic eval (a fixed sample: the first rows of each "
+                    "category, sharded across ranks). auto: before the first step, measure the per-row loss spread on "
+                    "eval_pilot_rows rows and take enough rows that the standard error of each category's loss is "
+                    "below early_stopping.min_delta (at most eval_max_rows_per_category). None: eval_batches x "
+                    "micro_batch_size.")
+    eval_pilot_rows: int = Field(default=64, ge=2, description="Rows per category measured to size the auto sample.")
+    eval_max_rows_per_category: int = Field(
+        default=4096, ge=1, description="Upper bound of the auto sample per category (it bounds the cost of an eval).")
+    early_stopping: EarlyStoppingConfig = Field(default_factory=EarlyStoppingConfig)
     gradient_checkpointing: bool = True
     log_every: int = Field(default=1, ge=1)
     # -- divergence guard: a non-finite loss/gradient (or a loss spike) skips the step on all ranks
@@ -261,6 +289,13 @@ class TrainConfig(Section):
     deterministic: bool = Field(
         default=False, description="torch.use_deterministic_algorithms: bitwise-reproducible resume (slower on GPU)."
     )
+
+    @model_validator(mode="after")
+    def _early_stopping_keeps_best(self) -> TrainConfig:
+        if self.early_stopping.enabled and not self.keep_best:
+            raise ValueError("train.early_stopping keeps the adapter with the lowest held-out loss from its "
+                             "checkpoint: it needs train.keep_best=true")
+        return self
 
     @model_validator(mode="after")
     def _recompute_switches(self) -> TrainConfig:

@@ -5,11 +5,13 @@ worker (plain python for one process; ``accelerate launch`` or ``torchrun`` for 
 many nodes), streams its output into the log, and returns the run's manifest. The run directory is
 the whole contract between the two, so a killed or preempted worker is resumed by launching it again.
 
-``train_worker`` is the loop: NF4 base + LoRA (PEFT), PagedAdamW8bit, warmup + cosine, gradient
-accumulation, gradient checkpointing, periodic eval on a bounded held-out sample, atomic
-checkpoints with the data position (O(1) resume), a divergence guard (non-finite or spiking steps
-are skipped on every rank; too many roll back to the last good checkpoint or stop), metrics to
-metrics.jsonl / TensorBoard / wandb.
+``train_worker`` (worker.py) is the loop, a recipe of ``setup() -> loop() -> finish()`` over one
+``State``, with ``train_step()`` the one optimizer step: NF4 base + LoRA (PEFT), PagedAdamW8bit,
+warmup + cosine, gradient accumulation, gradient checkpointing, periodic eval on a fixed held-out
+sample sharded across ranks, early stopping on it (early_stop.py), atomic checkpoints with the data
+position (O(1) resume; checkpoint.py), a divergence guard (guard.py: non-finite or spiking steps are
+skipped on every rank; too many roll back to the last good checkpoint or stop), metrics to
+metrics.jsonl / TensorBoard / wandb (tracker.py).
 
 Worker exit statuses (what the supervisor does with them):
   0   done; the adapter and manifest.json are written
