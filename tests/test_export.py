@@ -166,9 +166,10 @@ def test_real_smollm2_generate_and_merge(tmp_path):
     bf16 merge matches base+adapter; PEFT loads the adapter; a quantization mismatch is refused;
     a batch with a broken line answers the rest."""
     from peft import PeftModel
+    from test_train import assert_reproduces_trained_model
     from transformers import AutoModelForCausalLM
 
-    from tasks.adapter.export import check_adapter_layout, prepare_vllm_adapter, run_export
+    from tasks.adapter.export import check_adapter_layout, prepare_vllm_adapter, run_export, verify_loaded_adapter
     from tasks.adapter.generate import load_for_inference, run_batch, run_compare
     from tasks.core.config import GenerateConfig, ModelConfig, QuantizationConfig
     from tasks.core.model import resolve_base
@@ -215,6 +216,7 @@ def test_real_smollm2_generate_and_merge(tmp_path):
     ready = prepare_vllm_adapter(run)
     assert check_adapter_layout(ready) == []
     assert json.loads((ready / "adapter_config.json").read_text())["base_model_name_or_path"] == mc.name
-    peft_model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(base_path), str(run / "adapter"))
-    with torch.no_grad():
-        assert torch.isfinite(peft_model(**tok("Lentils", return_tensors="pt")).logits).all()
+    # the adapter reloads as trained: the worker's last held-out losses, reproduced; every tensor arrives in plain PEFT
+    assert_reproduces_trained_model(run)
+    verify_loaded_adapter(PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(base_path),
+                                                    str(run / "adapter")), run / "adapter")
