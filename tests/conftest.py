@@ -16,6 +16,39 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 if not Path("/dev/nvidiactl").exists():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
+# A skipped test is a check that did not run. Only missing hardware, or a platform a dependency has
+# no build for, may skip, and the reason must say which (these prefixes); a skip for anything else (a
+# tracked file, a dependency, a tool CI installs: a missing part of the product) is reported as a
+# failure naming its reason, so `make test` cannot pass with a check that quietly did not run.
+ALLOWED_SKIP_REASONS = ("needs a CUDA GPU", "needs 2 CUDA GPUs", "CPU only:", "no Triton build for this platform")
+
+
+def _skip_reason(longrepr) -> str:
+    reason = longrepr[2] if isinstance(longrepr, tuple) and len(longrepr) == 3 else str(longrepr)
+    return reason.removeprefix("Skipped: ")
+
+
+def _fail_unallowed_skip(rep, where: str) -> None:
+    if rep.skipped and not hasattr(rep, "wasxfail"):
+        reason = _skip_reason(rep.longrepr)
+        if not reason.startswith(ALLOWED_SKIP_REASONS):
+            rep.outcome = "failed"
+            rep.longrepr = (f"{where} was skipped ({reason!r}), but only missing hardware may skip a test "
+                            f"(reasons starting with {ALLOWED_SKIP_REASONS}): a missing part of the product fails")
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_makereport(item, call):
+    outcome = yield
+    _fail_unallowed_skip(outcome.get_result(), item.nodeid)
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_make_collect_report(collector):
+    outcome = yield  # a module-level pytest.skip / importorskip skips the whole file at collection
+    _fail_unallowed_skip(outcome.get_result(), collector.nodeid)
+
+
 CORPUS = [
     "Red lentil soup: rinse the lentils, soften onion and carrot in olive oil, add cumin and stock.",
     "Simmer for twenty minutes until the lentils collapse, then season with lemon and salt.",

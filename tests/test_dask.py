@@ -19,8 +19,6 @@ from test_clean import FOOTER, corpus, doc, words, write_extracted
 
 from tasks.core.config import config_from_dict
 
-distributed = pytest.importorskip("distributed")
-
 
 def _extracted(root: Path) -> None:
     rows, _ = corpus(seed=3)

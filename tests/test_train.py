@@ -37,19 +37,69 @@ def test_adapter_learns(trained):
     assert m["counts"]["skipped_steps"] == 0
 
 
-def test_adapter_loads_in_plain_peft(trained, tiny_model_dir):
+# The held-out losses of the reloaded adapter vs the ones the worker computed with the trained model in
+# memory right after its last step (metrics.jsonl): the same NF4 weights, the same eval rows and code,
+# so only float noise may differ (measured 0 on the tiny model). An adapter whose tensors did not load
+# gives the base's losses, which differ by orders of magnitude more (the test checks that too).
+EVAL_RTOL = 1e-5
+
+
+def assert_reproduces_trained_model(run_dir, model_cfg=None) -> dict:
+    """Load base + adapter fresh through the product's loader (tasks/adapter/generate.py) and check
+    that every adapter tensor loaded as saved and the held-out losses per category equal the ones the
+    worker measured with the trained model at its last step; returns {category: (base, trained, loaded)}."""
+    from pathlib import Path
+
+    from tasks.adapter.export import verify_loaded_adapter
+    from tasks.adapter.generate import attach_adapter, load_run_base
+    from tasks.core.config import load_config
+    from tasks.evaluate import eval_losses, load_eval_sets
+
+    run = Path(run_dir)
+    tc = load_config(run / "config.yaml").train
+    steps = json.loads((run / "manifest.json").read_text())["counts"]["steps"]
+    (final,) = [r for r in read_metrics(run) if "eval_loss" in r and r["step"] == steps]
+    sets = load_eval_sets(Path(json.loads((run / "inputs.json").read_text())["tokenized_dir"]))
+    base, _ = load_run_base(run)
+    device = base.get_input_embeddings().weight.device
+    kw = dict(max_rows=tc.eval_batches * tc.micro_batch_size, batch_size=tc.micro_batch_size, device=device)
+    plain = eval_losses(base, sets, **kw)["categories"]  # before the adapter wraps the base's modules
+    model = attach_adapter(base, run)
+    verify_loaded_adapter(model, run / "adapter")
+    loaded = eval_losses(model, sets, **kw)["categories"]
+    out = {c: (plain[c]["loss"], final[f"eval_loss/{c}"], loaded[c]["loss"]) for c in loaded}
+    print("held-out loss (base, trained in the worker, reloaded):", out)
+    assert loaded.keys() == plain.keys() and {f"eval_loss/{c}" for c in loaded} <= final.keys()
+    for c, (b, t, got) in out.items():
+        assert got == pytest.approx(t, rel=EVAL_RTOL), (c, t, got)
+        assert abs(b - t) > 100 * EVAL_RTOL * t, (c, b, t)  # a non-loaded adapter would be caught
+    return out
+
+
+def test_adapter_loads_and_reproduces_the_trained_model(trained, tiny_model_dir, tmp_path):
     from peft import PeftModel
+    from safetensors.torch import save_file
     from transformers import AutoModelForCausalLM
 
+    from tasks.adapter.export import verify_loaded_adapter
+
     cfg, m = trained
-    base = AutoModelForCausalLM.from_pretrained(str(tiny_model_dir))
-    model = PeftModel.from_pretrained(base, m["adapter"])
     cfg_json = json.loads(open(f"{m['adapter']}/adapter_config.json").read())
     assert set(cfg_json["target_modules"]) == {"q_proj", "k_proj", "v_proj"}
     assert cfg_json["r"] == 4
-    with torch.no_grad():
-        out = model(input_ids=torch.tensor([[3, 4, 5]]))
-    assert torch.isfinite(out.logits).all()
+    assert_reproduces_trained_model(m["run_dir"])
+    # plain PEFT on the unquantized base (how others load it): every tensor arrives
+    base = AutoModelForCausalLM.from_pretrained(str(tiny_model_dir))
+    verify_loaded_adapter(PeftModel.from_pretrained(base, m["adapter"]), m["adapter"])
+    # PEFT only warns about a file that lacks tensors; the check refuses it
+    bad = tmp_path / "adapter"
+    shutil.copytree(m["adapter"], bad)
+    w = load_file(bad / "adapter_model.safetensors")
+    save_file({k: v for k, v in w.items() if "layers.1.self_attn.v_proj.lora_B" not in k}, bad / "adapter_model.safetensors")
+    with pytest.warns(UserWarning, match="missing adapter keys"):
+        model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(str(tiny_model_dir)), str(bad))
+    with pytest.raises(ValueError, match=r"1 tensor\(s\) the model expects are missing from the file.*v_proj"):
+        verify_loaded_adapter(model, bad)
 
 
 def test_evaluate_and_generate(trained):

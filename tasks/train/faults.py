@@ -8,6 +8,16 @@
   D2A_STEP_SLEEP_S="0.2"       sleep after every step (gives signal tests a window)
   D2A_CKPT_PAUSE_STEP="4"      while writing checkpoint step-4, pause D2A_CKPT_PAUSE_S seconds
                                (default 30) after the adapter is in the .partial directory
+  D2A_DUMP_GRADS_DIR="/path"   before every optimizer step, write the gradients the optimizer is
+                               about to apply (after the DDP/FSDP reduction and clipping) to
+                               /path/grads-rank<R>-step<N>.safetensors, keyed by the parameter's
+                               index in the optimizer (the same order in every launch of one model)
+  D2A_INJECT_GRAD_SUM="1"      before every optimizer step, all-reduce the gradients once more with
+                               SUM: gradients summed over ranks instead of averaged, the bug that
+                               the distributed equivalence tests must catch
+
+The gradient hooks are torch's global optimizer step pre-hooks, installed by ``from_env`` (the
+worker calls it before it builds its optimizer), so they see exactly what ``opt.step()`` applies.
 """
 
 from __future__ import annotations
@@ -39,6 +49,11 @@ class DebugHooks:
                    int(e["D2A_CKPT_PAUSE_STEP"]) if e.get("D2A_CKPT_PAUSE_STEP") else None,
                    float(e.get("D2A_CKPT_PAUSE_S") or 30))
 
+    def __post_init__(self) -> None:
+        dump, inject = os.environ.get("D2A_DUMP_GRADS_DIR"), os.environ.get("D2A_INJECT_GRAD_SUM") == "1"
+        if dump or inject:
+            install_grad_hooks(dump, inject)
+
     def poison(self, loss, data_step: int, rank: int):
         """The loss, made NaN or spiking when this batch belongs to an injected step."""
         if self.rank is not None and self.rank != rank:
@@ -48,3 +63,36 @@ class DebugHooks:
         if data_step in self.spike_steps:
             return loss * 1000.0
         return loss
+
+
+_GRAD_HOOKS: list = []  # (handle,) once installed: one set per process
+
+
+def install_grad_hooks(dump_dir: str | None, inject_sum: bool) -> None:
+    """Global optimizer pre-step hooks (see the module docstring); installed once per process."""
+    if _GRAD_HOOKS:
+        return
+    from pathlib import Path
+
+    import torch
+    import torch.distributed as dist
+    from safetensors.torch import save_file
+    from torch.optim.optimizer import register_optimizer_step_pre_hook
+
+    steps = {"n": 0}
+
+    def hook(opt, _args, _kwargs) -> None:
+        grads = [p.grad for g in opt.param_groups for p in g["params"]]
+        if inject_sum and dist.is_available() and dist.is_initialized():
+            for g in grads:
+                if g is not None:
+                    dist.all_reduce(g, op=dist.ReduceOp.SUM)
+        steps["n"] += 1
+        if dump_dir:
+            rank = dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
+            out = Path(dump_dir)
+            out.mkdir(parents=True, exist_ok=True)
+            save_file({f"{i:05d}": (g if g is not None else torch.zeros(0)).detach().float().cpu().contiguous()
+                       for i, g in enumerate(grads)}, str(out / f"grads-rank{rank}-step{steps['n']}.safetensors"))
+
+    _GRAD_HOOKS.append(register_optimizer_step_pre_hook(hook))
