@@ -71,7 +71,7 @@ PAGE_TYPES = ("text/html", "application/xhtml+xml", "text/plain")
 SITEMAP_TYPES = ("application/xml", "text/xml", "text/plain", "application/rss+xml", "application/atom+xml")
 
 
-class Decision(str, Enum):
+class Decision(str, Enum):  # noqa: UP042 - str() of a member must stay "Decision.X"-free as logged today
     FETCHED = "fetched"
     NOT_MODIFIED = "not_modified"
     REFUSED_ROBOTS = "refused_robots"

@@ -75,7 +75,7 @@ def get_tokenizer(cfg):
 # ------------------------------------------------------------------------------- planning
 def order_key(seed: int, doc_id: str) -> int:
     """Stable per-document position in the selection order (independent of file order)."""
-    return int.from_bytes(hashlib.sha256(f"{seed}:{doc_id}".encode("utf-8")).digest()[:8], "big")
+    return int.from_bytes(hashlib.sha256(f"{seed}:{doc_id}".encode()).digest()[:8], "big")
 
 
 def plan_total(available: dict[str, int], ratios: dict[str, float], total_tokens: int | None,

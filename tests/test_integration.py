@@ -122,3 +122,7 @@ def test_adapter_loads_with_plain_peft(demo_run):
     with torch.no_grad():
         out = model(**tok("Red lentil soup", return_tensors="pt"))
     assert torch.isfinite(out.logits).all()
+    # and through the product's loader it reproduces the held-out losses the worker measured at its last step
+    from test_train import assert_reproduces_trained_model
+
+    assert_reproduces_trained_model(Path(summary["run_dir"]))

@@ -483,7 +483,7 @@ def test_nofollow_and_agent_specific_robots_directives(tmp_path: Path) -> None:
                                                    "include": ["/"], "permission": PERMISSION}])
         m = run_scrape(make_cfg(tmp_path / "data", src))
         log = {r["url"].split("/", 3)[3]: r["decision"] for r in fetch_log(tmp_path / "data")}
-        again = run_scrape(make_cfg(tmp_path / "data", src))  # 304s: the stored pages' nofollow still holds
+        run_scrape(make_cfg(tmp_path / "data", src))  # 304s: the stored pages' nofollow still holds
         gets = page_gets(site)
     again_log = {r["url"].split("/", 3)[3]: r["decision"] for r in fetch_log(tmp_path / "data")}
     assert again_log["xnofollow.html"] == again_log["meta-nofollow.html"] == "not_modified"

@@ -104,7 +104,7 @@ def test_shards_hold_exactly_the_reference_ids(tmp_path, reference):
         "model": {"name": "mistralai/Mistral-Small-24B-Instruct-2501", "tokenizer": SPEC},
         "tokenize": {"seq_len": 64, "rows_per_shard": 8, "workers": 2, "batch_docs": 4},
     })
-    for side, d in (("train", tmp_path / "mix" / "train"), ("eval", tmp_path / "split" / "eval")):
+    for _side, d in (("train", tmp_path / "mix" / "train"), ("eval", tmp_path / "split" / "eval")):
         d.mkdir(parents=True)
         pq.write_table(pa.table({"doc_id": [f"g{i}" for i in range(len(GOLDEN))], "text": GOLDEN,
                                  "repeat": pa.array([1] * len(GOLDEN), pa.int32())}), d / "recipes.parquet")

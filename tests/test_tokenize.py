@@ -111,7 +111,7 @@ def test_run_tokenize_manifest(tmp_path, tiny_model_dir):
 
     cfg = config_from_dict(tiny_config_dict(tmp_path, tiny_model_dir))
     texts = {"recipes": ["Red lentil soup with cumin and lemon."] * 5, "code": ["def f(x):\n    return x"] * 3}
-    for split, d in (("train", tmp_path / "mix" / "train"), ("eval", tmp_path / "split" / "eval")):
+    for _split, d in (("train", tmp_path / "mix" / "train"), ("eval", tmp_path / "split" / "eval")):
         d.mkdir(parents=True)
         for cat, ts in texts.items():
             pq.write_table(pa.table({"doc_id": [f"{cat}{i}" for i in range(len(ts))], "text": ts,

@@ -53,7 +53,7 @@ def assert_reproduces_trained_model(run_dir, model_cfg=None) -> dict:
     from tasks.adapter.export import verify_loaded_adapter
     from tasks.adapter.generate import attach_adapter, load_run_base
     from tasks.core.config import load_config
-    from tasks.evaluate import eval_losses, load_eval_sets
+    from tasks.train.heldout import eval_losses, load_eval_sets
 
     run = Path(run_dir)
     tc = load_config(run / "config.yaml").train

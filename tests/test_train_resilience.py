@@ -328,7 +328,7 @@ def test_killed_supervisor_stops_the_training_worker(data_root, tiny_model_dir, 
 
     cfg = _cfg(data_root, tiny_model_dir, "orphan", max_steps=200, save_every=100)
     run_dir = run_dir_for(cfg)
-    code = ("import sys; sys.path.insert(0, %r); from tasks.core.config import config_from_dict; from tasks.train import run_train; "
+    code = ("import sys; sys.path.insert(0, %r); from tasks.core.config import config_from_dict; from tasks.train import run_train; "  # noqa: UP031
             "import json; run_train(config_from_dict(json.loads(sys.argv[1])))" % str(REPO))
     sup = subprocess.Popen([sys.executable, "-c", code, json.dumps(cfg.model_dump(mode="json"))], cwd=REPO,
                            env={**os.environ, "D2A_STEP_SLEEP_S": "0.1"}, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)

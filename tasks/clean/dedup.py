@@ -178,8 +178,8 @@ def lsh_bands(threshold: float, num_perm: int) -> tuple[int, int]:
     best, opt = float("inf"), (0, 0)
     for b in range(1, num_perm + 1):
         for r in range(1, num_perm // b + 1):
-            fp = integral(lambda s: 1 - (1 - s ** float(r)) ** float(b), 0.0, threshold)
-            fn = integral(lambda s: 1 - (1 - (1 - s ** float(r)) ** float(b)), threshold, 1.0)
+            fp = integral(lambda s, r=r, b=b: 1 - (1 - s ** float(r)) ** float(b), 0.0, threshold)
+            fn = integral(lambda s, r=r, b=b: 1 - (1 - (1 - s ** float(r)) ** float(b)), threshold, 1.0)
             if (err := 0.1 * fp + 0.9 * fn) < best:
                 best, opt = err, (b, r)
     return opt
