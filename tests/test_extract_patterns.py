@@ -41,7 +41,9 @@ CASES = [("entities.html", "recipes"), ("no_markup.html", "recipes"), ("text_onl
          ("graph_howtosection.html", "recipes"), ("microdata_groups.html", "recipes"), ("thin_markup.html", "recipes"),
          ("consent_article.html", "articles"), ("product_microdata.html", "product_compositions"),
          ("product_microdata.html", "product_descriptions"), ("product_rdfa.html", "product_compositions"),
-         ("additive_text.html", "chemical_additives")]
+         ("additive_text.html", "chemical_additives"), ("split_amount_name.html", "recipes"),
+         ("repeated_blocks.html", "recipes"), ("dl_ingredients.html", "recipes"), ("span_marked.html", "recipes"),
+         ("quantified_markup.html", "recipes")]
 
 
 @pytest.mark.parametrize(("name", "category"), CASES)
@@ -91,6 +93,33 @@ def test_microdata_only_with_ingredient_groups() -> None:
 def test_page_list_with_quantities_beats_thin_markup() -> None:
     _, f = doc("thin_markup.html", "recipes")
     assert f["ingredients"] == ["300 g chicken breast", "80 ml soy sauce", "1 tsp brown sugar"]
+
+
+def test_amount_and_name_in_separate_elements_stay_one_line() -> None:
+    _, f = doc("split_amount_name.html", "recipes")  # and an ingredient link inside a step is not a line
+    assert f["ingredients"] == ["2 cups hot water", "1 tablespoon tomato paste", "1½ cups tomato puree"]
+
+
+def test_repeated_blocks_without_list_items() -> None:
+    _, f = doc("repeated_blocks.html", "recipes")
+    assert f["ingredients"] == ["4 αυγά μεγάλα", "2 ντομάτες ώριμες", "1/2 φλ. ελαιόλαδο"]
+
+
+def test_definition_list_of_ingredients() -> None:
+    _, f = doc("dl_ingredients.html", "recipes")
+    assert f["ingredients"] == ["flax seeds 60 g", "water 120 ml", "sea salt 2 g"]
+    assert f["steps"][0] == "Soak the seeds in the water for 20 minutes."
+
+
+def test_list_items_holding_a_marked_span() -> None:
+    d, f = doc("span_marked.html", "recipes")
+    assert f["ingredients"] == ["300 gr rundergehakt", "1 ui", "2 paprika's bijv. een rode en een gele"]
+    assert "bak het gehakt rul" in d["text"]
+
+
+def test_markup_with_quantities_is_kept_as_written() -> None:
+    _, f = doc("quantified_markup.html", "recipes")
+    assert f["ingredients"] == ["1 1/2 cups dry red lentils", "1 large carrot (finely diced)", "3 cups vegetable broth"]
 
 
 def test_consent_share_newsletter_comment_form_removed_from_articles() -> None:
