@@ -176,6 +176,9 @@ def make_page(url: str, html: str, license: str | None = None) -> Page:
 
 
 _XML_DECL = re.compile(r"^\s*<\?xml[^>]*>", re.IGNORECASE)
+# "<script .../>" opens a script in a browser (HTML has no self-closing script or style), but libxml2 closes
+# it, and the code after it would become page text
+_SELF_CLOSED = re.compile(r"<(script|style)\b([^<>]*?)/>", re.IGNORECASE)
 
 
 def parse_tree(html: str) -> Any:
@@ -183,6 +186,8 @@ def parse_tree(html: str) -> Any:
     import lxml.html
 
     html = _XML_DECL.sub("", html, count=1)
+    if "/>" in html:
+        html = _SELF_CLOSED.sub(r"<\1\2>", html)
     try:
         tree = lxml.html.fromstring(html.encode("utf-8", "replace"),
                                     parser=lxml.html.HTMLParser(encoding="utf-8", remove_comments=True))
@@ -300,7 +305,8 @@ _BOILERPLATE = re.compile(r"""(?ix)
     |by\ (?:continuing|clicking|using)\ .{0,40}(?:agree|consent|accept)|privacy\ (?:policy|settings)\ and\ cookie
     |(?:sign\ up|subscribe)\ (?:for|to)\ (?:our|the|my)\ (?:free\ )?(?:newsletter|mailing\ list|emails?)
     |(?:join|get)\ (?:our|the)\ newsletter|never\ miss\ a\ (?:recipe|post|story)|delivered\ (?:straight\ )?to\ your\ inbox
-    |share\ (?:this|on)\ (?:facebook|twitter|pinterest|whatsapp|email|recipe|article|post|page)
+    |share\ on\ (?:facebook|twitter|pinterest|whatsapp|email)|share\ (?:it|them|your\ \w+)\ (?:with\ us\ )?on\ (?:instagram|facebook)
+    |rate\ (?:this|the)\ recipe|leave\ a\ (?:rating|review)|(?:tag|follow)\ (?:me|us)\ on\ (?:instagram|facebook|pinterest)
     |(?:pin|save)\ (?:it|this\ recipe)\ (?:on|to|for\ later)|click\ to\ share|share\ via
     |leave\ a\ (?:comment|reply)|your\ email\ address\ will\ not\ be\ published|required\ fields\ are\ marked
     |save\ my\ name,?\ email|notify\ me\ of\ (?:follow-up|new)\ (?:comments|posts)|you\ must\ be\ logged\ in\ to
@@ -313,6 +319,10 @@ _BOILERPLATE = re.compile(r"""(?ix)
     |utilizamos\ cookies|este\ sitio\ (?:web\ )?utiliza\ cookies|utilizziamo\ i?\ ?cookie|używamy\ (?:plików\ )?cookies
     |pour\ (?:lire\ la\ suite|accéder\ en\ illimité)|abonnez-vous\ à\ (?:notre|la)\ newsletter|suscr[ií]bete\ a
     |síguenos\ en|siguenos\ en|folge\ uns\ auf|follow\ us\ on)""")
+# "share this recipe" is a button label on a line of its own, but also a phrase of real prose
+# ("I wanted to share this recipe today"): it counts only on short lines
+_SHARE = re.compile(r"(?i)\bshare\ (?:this|on)\ (?:facebook|twitter|pinterest|whatsapp|email|recipe|article|post|page)\b")
+_SENTENCE = re.compile(r"(?<=[.!?])\s+(?=[A-Z\"'“‘(])")
 # "Read also:"-style headings: the line, and the short teaser lines that follow it, are other articles
 _READ_ALSO = re.compile(r"""(?ix)^\s*(?:
     (?:lesen\ sie\ (?:auch|mehr)|auch\ (?:lesen|interessant)|das\ könnte\ (?:sie|dich)\ (?:auch\ )?interessieren
@@ -343,8 +353,15 @@ def drop_boilerplate(text: str) -> str:
             continue
         if _FURNITURE.match(s):
             continue
-        if s and len(s) <= 300 and _BOILERPLATE.search(s):
-            continue
+        short = len(s) <= 300
+        if _BOILERPLATE.search(s) or (short and _SHARE.search(s)):
+            # drop the furniture sentences ("... be sure to leave a comment!" closing a paragraph); the line
+            # goes when what is left is too short to be prose of its own ("Accept", "OK")
+            rest = " ".join(x for x in _SENTENCE.split(s)
+                            if not (_BOILERPLATE.search(x) or (short and _SHARE.search(x))))
+            if len(rest) < 120:
+                continue
+            line = rest
         out.append(line)
     return "\n".join(out).strip()
 

@@ -43,7 +43,8 @@ CASES = [("entities.html", "recipes"), ("no_markup.html", "recipes"), ("text_onl
          ("product_microdata.html", "product_descriptions"), ("product_rdfa.html", "product_compositions"),
          ("additive_text.html", "chemical_additives"), ("split_amount_name.html", "recipes"),
          ("repeated_blocks.html", "recipes"), ("dl_ingredients.html", "recipes"), ("span_marked.html", "recipes"),
-         ("quantified_markup.html", "recipes")]
+         ("quantified_markup.html", "recipes"), ("cta_paragraph.html", "recipes"),
+         ("self_closing_script.html", "recipes")]
 
 
 @pytest.mark.parametrize(("name", "category"), CASES)
@@ -127,6 +128,19 @@ def test_consent_share_newsletter_comment_form_removed_from_articles() -> None:
     assert "short-chain fatty acids" in d["text"] and "Beans, lentils, oats" in d["text"]
     for junk in ("cookie", "Facebook", "newsletter", "Anbieter", "Leave a Reply", "Required fields"):
         assert junk.lower() not in d["text"].lower(), junk
+
+
+def test_call_to_comment_dropped_from_a_long_paragraph_but_prose_about_sharing_kept() -> None:
+    d, _ = doc("cta_paragraph.html", "recipes")
+    assert "I wanted to share this recipe today" in d["text"]
+    assert "Serve it beside grilled fish" in d["text"] and "almost no cooking at all on hot evenings." in d["text"]
+    assert "leave a comment" not in d["text"] and "give this recipe a rating" not in d["text"]
+
+
+def test_self_closing_script_is_not_page_text() -> None:
+    d, _ = doc("self_closing_script.html", "recipes")
+    assert "Walnuts or chocolate chips" in d["text"] and "freezes well" in d["text"]
+    assert "configuration" not in d["text"] and "function()" not in d["text"]
 
 
 def test_products_from_microdata_and_rdfa() -> None:
