@@ -138,7 +138,7 @@ class Page:
         self.url, self.html, self.license = url, html, license
         self.tree = parse_tree(html)
         self._soup: BeautifulSoup | None = None
-        self._items: list[dict[str, Any]] | None = None
+        self._items: dict[str, list[dict[str, Any]]] = {}  # per syntax, read on first use
         self._main_text: str | None = None
 
     @property
@@ -147,28 +147,38 @@ class Page:
             self._soup = BeautifulSoup(self.html, "lxml")
         return self._soup
 
+    def items_of(self, syntax: str) -> list[dict[str, Any]]:
+        """schema.org items of one syntax (json-ld, microdata, rdfa), flattened (@graph, lists, nested items)."""
+        if syntax not in self._items:
+            self._items[syntax] = structured_items(self.tree, self.url, self.html, syntaxes=(syntax,))
+        return self._items[syntax]
+
     @property
     def items(self) -> list[dict[str, Any]]:
-        """schema.org items from JSON-LD, microdata and RDFa, flattened (@graph, lists, nested items)."""
-        if self._items is None:
-            self._items = structured_items(self.tree, self.url, self.html)
-        return self._items
+        """Every schema.org item on the page: JSON-LD, microdata and RDFa."""
+        return [it for syntax in SYNTAXES for it in self.items_of(syntax)]
 
     def of_type(self, *types: str) -> list[dict[str, Any]]:
+        """Items of these types from the first syntax that has any, in the order JSON-LD, microdata, RDFa:
+        microdata and RDFa (extruct; RDFa is slow) are read only when JSON-LD has no such item."""
         wanted = {t.lower() for t in types}
-        out = []
-        for it in self.items:
-            t = it.get("@type")
-            ts = t if isinstance(t, list) else [t]
-            if any(isinstance(x, str) and x.split("/")[-1].split("#")[-1].lower() in wanted for x in ts):
-                out.append(it)
-        return out
+        for syntax in SYNTAXES:
+            out = [it for it in self.items_of(syntax) if _is_type(it, wanted)]
+            if out:
+                return out
+        return []
 
     def main_text(self) -> str:
         """The page's main text by trafilatura (tables kept, comments and boilerplate dropped), cleaned."""
         if self._main_text is None:
             self._main_text = main_text(self.tree, self.url)
         return self._main_text
+
+
+def _is_type(item: dict[str, Any], wanted: set[str]) -> bool:
+    t = item.get("@type")
+    return any(isinstance(x, str) and x.split("/")[-1].split("#")[-1].lower() in wanted
+               for x in (t if isinstance(t, list) else [t]))
 
 
 def make_page(url: str, html: str, license: str | None = None) -> Page:
@@ -236,21 +246,27 @@ def _rdfa_plain(v: Any) -> Any:
     return v
 
 
-def structured_items(tree: Any, url: str, html: str | None = None) -> list[dict[str, Any]]:
-    """Every typed schema.org item on the page: JSON-LD (each block on its own, so one broken block hides
-    nothing else), then microdata and RDFa (extruct, on the same tree) only when the page has such markup."""
+SYNTAXES = ("json-ld", "microdata", "rdfa")
+
+
+def structured_items(tree: Any, url: str, html: str | None = None,
+                     syntaxes: tuple[str, ...] = SYNTAXES) -> list[dict[str, Any]]:
+    """Every typed schema.org item of ``syntaxes`` on the page: JSON-LD (each block on its own, so one broken
+    block hides nothing else), then microdata and RDFa (extruct, on the same tree) only when the page has such markup."""
     data: list[Any] = []
-    for script in tree.xpath('//script[contains(translate(@type, "LDJSON", "ldjson"), "ld+json")]'):
-        obj = _read_jsonld(script.text or "")
-        if obj is not None:
-            data.append(obj)
-        else:
-            _log.debug("%s: a JSON-LD block is unreadable; skipped", url)
-    syntaxes = [x for x, probe in (("microdata", "//*[@itemscope]"), ("rdfa", "//*[@typeof]")) if tree.xpath(probe)]
-    if syntaxes:
+    if "json-ld" in syntaxes:
+        for script in tree.xpath('//script[contains(translate(@type, "LDJSON", "ldjson"), "ld+json")]'):
+            obj = _read_jsonld(script.text or "")
+            if obj is not None:
+                data.append(obj)
+            else:
+                _log.debug("%s: a JSON-LD block is unreadable; skipped", url)
+    markup = [x for x, probe in (("microdata", "//*[@itemscope]"), ("rdfa", "//*[@typeof]"))
+              if x in syntaxes and tree.xpath(probe)]
+    if markup:
         import extruct
 
-        for syntax in syntaxes:
+        for syntax in markup:
             try:
                 # RDFa needs extruct's own DOM-flavoured parse of the string; microdata reads the shared tree
                 src = html if syntax == "rdfa" and html is not None else tree
@@ -319,6 +335,22 @@ _BOILERPLATE = re.compile(r"""(?ix)
     |utilizamos\ cookies|este\ sitio\ (?:web\ )?utiliza\ cookies|utilizziamo\ i?\ ?cookie|używamy\ (?:plików\ )?cookies
     |pour\ (?:lire\ la\ suite|accéder\ en\ illimité)|abonnez-vous\ à\ (?:notre|la)\ newsletter|suscr[ií]bete\ a
     |síguenos\ en|siguenos\ en|folge\ uns\ auf|follow\ us\ on)""")
+# Every phrase above (and _SHARE below) holds one of these lower-case words. The big pattern costs ~15 us
+# per line even where nothing matches; a substring test over the whole text first lets most texts, and
+# most lines of the others, skip it.
+_HINTS = ("cookie", "consent", "privacy", "agree", "accept", "newsletter", "mailing list", "mail", "inbox",
+          "never miss", "share", "pin it", "pin this", "save it", "save this", "save my", "rate th", "leave a",
+          "instagram", "facebook", "pinterest", "comment", "required fields", "notify", "logged in", "akismet",
+          "enjoyed reading", "button", "datenschutz", "kommentar", "eingeloggt", "inhalt von", "pour lire",
+          "pour accéder", "suscr", "guenos en", "folge uns", "follow us")
+
+
+def _boilerplate(s: str, short: bool, hints: tuple[str, ...] = _HINTS) -> bool:
+    low = s.lower()
+    return any(h in low for h in hints) and (
+        _BOILERPLATE.search(s) is not None or (short and _SHARE.search(s) is not None))
+
+
 # "share this recipe" is a button label on a line of its own, but also a phrase of real prose
 # ("I wanted to share this recipe today"): it counts only on short lines
 _SHARE = re.compile(r"(?i)\bshare\ (?:this|on)\ (?:facebook|twitter|pinterest|whatsapp|email|recipe|article|post|page)\b")
@@ -342,6 +374,8 @@ def drop_boilerplate(text: str) -> str:
         return text
     out: list[str] = []
     teaser = False
+    low = text.lower()
+    hints = tuple(h for h in _HINTS if h in low)
     for line in text.split("\n"):
         s = line.strip()
         if teaser:  # teaser titles after a "read also" heading: short lines without a full stop
@@ -354,11 +388,11 @@ def drop_boilerplate(text: str) -> str:
         if _FURNITURE.match(s):
             continue
         short = len(s) <= 300
-        if _BOILERPLATE.search(s) or (short and _SHARE.search(s)):
+        if hints and _boilerplate(s, short, hints):
             # drop the furniture sentences ("... be sure to leave a comment!" closing a paragraph); the line
             # goes when what is left is too short to be prose of its own ("Accept", "OK")
             rest = " ".join(x for x in _SENTENCE.split(s)
-                            if not (_BOILERPLATE.search(x) or (short and _SHARE.search(x))))
+                            if not _boilerplate(x, short, hints))
             if len(rest) < 120:
                 continue
             line = rest

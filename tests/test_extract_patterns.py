@@ -163,3 +163,36 @@ def test_navigation_page_still_rejected() -> None:
            "body": (page + "</ul></main></body></html>").encode(), "content_type": "text/html"}
     d, rej = extract_page(row, 1)
     assert d is None and rej["reason"] == "navigation_page"
+
+
+# one line per phrase of scrapers.common._BOILERPLATE: each is dropped, so the fast pre-check
+# (_BOILERPLATE_HINT) lets every one of them through to the full pattern
+FURNITURE_LINES = [
+    "We use cookies to give you the best experience.", "This website uses cookies.", "Cookie settings",
+    "Accept all cookies", "Manage your privacy preferences", "By clicking OK you agree to our terms.",
+    "Privacy policy and cookie notice", "Sign up for our free newsletter!", "Subscribe to my emails",
+    "Join our newsletter", "Never miss a recipe", "Delivered straight to your inbox.", "Share on Pinterest",
+    "Share it with us on Instagram", "Rate this recipe", "Leave a review", "Tag me on Instagram",
+    "Pin it for later", "Save this recipe for later", "Click to share on Facebook", "Share via email",
+    "Leave a Reply", "Your email address will not be published.", "Required fields are marked *",
+    "Save my name, email, and website in this browser.", "Notify me of follow-up comments by email.",
+    "You must be logged in to post a comment.", "This site uses Akismet to reduce spam.",
+    "Log in to leave a comment", "If you enjoyed reading this, pass it on.",
+    "Durch die Nutzung eines Buttons wirst du zum jeweiligen Anbieter weitergeleitet.",
+    "Wir verwenden Cookies.", "Diese Webseite verwendet Cookies.", "Cookie-Einstellungen", "Datenschutzeinstellungen",
+    "Zum Newsletter anmelden", "Newsletter abonnieren", "Melde dich jetzt zu unserem Newsletter an",
+    "Um Kommentare zu schreiben, melden Sie sich an.", "Kommentar schreiben", "Sie sind aktuell nicht eingeloggt.",
+    "Klicken Sie auf den unteren Button, um den Inhalt zu laden.", "Inhalt von Instagram laden",
+    "Nous utilisons des cookies.", "Ce site utilise des cookies.", "Utilizamos cookies.",
+    "Este sitio web utiliza cookies.", "Utilizziamo i cookie.", "Używamy plików cookies.",
+    "Pour lire la suite, abonnez-vous.", "Abonnez-vous à notre newsletter", "Suscríbete a nuestro boletín",
+    "Síguenos en Instagram", "Folge uns auf Instagram", "Follow us on Facebook", "Share this recipe",
+]
+
+
+@pytest.mark.parametrize("line", FURNITURE_LINES)
+def test_every_furniture_phrase_is_dropped(line: str) -> None:
+    from scrapers.common import drop_boilerplate
+
+    assert drop_boilerplate(f"A real first paragraph stays.\n{line}\nAnd the last one too.") == \
+        "A real first paragraph stays.\nAnd the last one too."
