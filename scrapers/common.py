@@ -561,6 +561,86 @@ def render_blocks(root: Tag, skip: list[Tag] | None = None, seen: set[str] | Non
     return join_blocks(out)
 
 
+# --------------------------------------------------- the same helpers on the shared lxml tree
+# (products and additives read the page's one lxml parse; BeautifulSoup stays for code pages)
+_LOWER_ATTRS = ("translate(concat(@class, ' ', @id, ' ', @itemprop), 'ABCDEFGHIJKLMNOPQRSTUVWXYZ', "
+                "'abcdefghijklmnopqrstuvwxyz')")
+
+
+def el_text(el: Any) -> str:
+    """Text of an lxml element, text nodes joined by spaces, without script/style code (as soup's get_text)."""
+    if el is None:
+        return ""
+    parts = el.xpath(".//text()[not(ancestor::script or ancestor::style)]") if isinstance(el.tag, str) else []
+    return clean(" ".join(" ".join(parts).split()))
+
+
+def el_marked(root: Any, *words: str, names: tuple[str, ...] | None = None) -> list[Any]:
+    """Elements under ``root`` whose class, id or itemprop contains one of ``words`` (case-insensitive)."""
+    cond = " or ".join(f"contains({_LOWER_ATTRS}, '{w.lower()}')" for w in words)
+    tags = " or ".join(f"self::{n}" for n in names) if names else "true()"
+    return root.xpath(f".//*[({tags}) and ({cond})]")
+
+
+def el_title(page: Page, *candidates: Any) -> str:
+    """First non-empty candidate, else the first <h1>, else the <title> before ' | '."""
+    for c in candidates:
+        if clean(c):
+            return clean(c)
+    for h1 in page.tree.iter("h1"):
+        if el_text(h1):
+            return el_text(h1)
+        break
+    t = page.tree.find(".//title")
+    return clean(t.text_content()).split(" | ")[0] if t is not None else ""
+
+
+def el_table_rows(table: Any) -> list[list[str]]:
+    rows = []
+    for tr in table.iter("tr"):
+        cells = [el_text(c) for c in tr.iter("th", "td")]
+        if any(cells):
+            rows.append(cells)
+    return rows
+
+
+def el_code_language(pre: Any) -> str:
+    for el in [pre, *pre.iter("code")]:
+        if el.get("data-lang"):
+            return el.get("data-lang").lower()
+        for c in (el.get("class") or "").split():
+            m = re.match(r"^(?:language|lang|highlight|brush)[-:](.+)$", c, re.IGNORECASE)
+            if m:
+                return m.group(1).lower()
+    return ""
+
+
+def el_render_blocks(root: Any, skip: list[Any] | None = None, seen: set[str] | None = None) -> str:
+    """``render_blocks`` on an lxml element: headings, paragraphs, '- ' list items, fenced code, table rows."""
+    skip = list(skip or [])  # held, so the ids below stay those of these elements
+    skip_ids = {id(s) for s in skip}
+    seen = seen if seen is not None else set()
+    out: list[str] = []
+    for el in root.iter(*BLOCKS):
+        if id(el) in skip_ids or any(id(a) in skip_ids or a.tag in BLOCKS for a in el.iterancestors()):
+            continue  # left out, or nested in a block whose text already holds it
+        if el.tag == "pre":
+            code = el.text_content().strip("\n")
+            if code.strip():
+                out.append(f"```{el_code_language(el)}\n{code}\n```")
+            continue
+        text = el_text(el)
+        if not text or text in seen:
+            continue
+        seen.add(text)
+        if el.tag == "li":
+            text = "- " + text
+        elif el.tag == "tr":
+            text = " | ".join(el_text(c) for c in el.iter("th", "td"))
+        out.append(text)
+    return join_blocks(out)
+
+
 def join_blocks(blocks: list[str]) -> str:
     """Blank lines between blocks, single newlines between consecutive list items."""
     text = ""

@@ -11,22 +11,20 @@ from __future__ import annotations
 import re
 from typing import Any
 
-from bs4 import Tag
-
 from scrapers.common import (
     Page,
     Parsed,
     ParseReject,
     as_list,
     clean,
-    find_marked,
+    el_marked,
+    el_render_blocks,
+    el_table_rows,
+    el_text,
+    el_title,
     join_blocks,
-    main_element,
-    node_text,
-    page_title,
+    main_node,
     reject_navigation,
-    render_blocks,
-    table_rows,
 )
 
 
@@ -44,17 +42,18 @@ def _strip_label(text: str, *labels: str) -> str:
     return text.strip()
 
 
-def _nutrition_table(main: Tag) -> tuple[str, list[tuple[str, str]], Tag | None]:
-    tables = find_marked(main, "nutrition", "nutrient", names=("table",))
+def _nutrition_table(main: Any) -> tuple[str, list[tuple[str, str]], Any]:
+    tables = el_marked(main, "nutrition", "nutrient", names=("table",))
     if not tables:
-        tables = [t for t in main.find_all("table") if any(len(r) >= 2 for r in table_rows(t))]
+        tables = [t for t in main.iter("table") if any(len(r) >= 2 for r in el_table_rows(t))]
     if not tables:
         return "", [], None
     table = tables[0]
-    caption = node_text(table.find("caption"))
-    rows = table_rows(table)
+    caption = el_text(table.find(".//caption"))
+    rows = el_table_rows(table)
     header = ""
-    if rows and table.find("tr") is not None and table.find("tr").find("td") is None:  # header row of <th>
+    first = table.find(".//tr")
+    if rows and first is not None and first.find(".//td") is None:  # header row of <th>
         header = rows[0][1] if len(rows[0]) > 1 else ""
         rows = rows[1:]
     pairs = [(r[0], " / ".join(r[1:])) for r in rows if len(r) >= 2]
@@ -67,24 +66,24 @@ def facts(page: Page) -> dict[str, Any]:
     items = page.of_type("Product", "IndividualProduct", "ProductModel", "FoodProduct")
     item = max(items, key=lambda i: len(i), default={})
     props = _props(item)
-    main = main_element(page.soup)
+    main = main_node(page.tree)
     brand = item.get("brand")
-    ingredients_el = next(iter(find_marked(main, "ingredient", names=("p", "div", "section", "span", "ul"))), None)
-    allergens_el = next(iter(find_marked(main, "allergen", names=("p", "div", "span", "ul"))), None)
+    ingredients_el = next(iter(el_marked(main, "ingredient", names=("p", "div", "section", "span", "ul"))), None)
+    allergens_el = next(iter(el_marked(main, "allergen", names=("p", "div", "span", "ul"))), None)
     basis, nutrition, table = _nutrition_table(main)
     if not nutrition:  # fall back to additionalProperty entries such as "fat (g) per 100 g"
         nutrition = [(k, v) for k, v in props.items() if " per " in k]
     offers = as_list(item.get("offers"))
     offer = offers[0] if offers and isinstance(offers[0], dict) else {}
     f = {
-        "name": page_title(page, item.get("name")),
+        "name": el_title(page, item.get("name")),
         "brand": clean(brand.get("name") if isinstance(brand, dict) else brand),
         "description": clean(item.get("description")),
         "category": clean(item.get("category")),
         "size": clean(item.get("size") or props.get("size") or props.get("net quantity")),
         "gtin": clean(item.get("gtin13") or item.get("gtin") or item.get("gtin8")),
-        "ingredients": props.get("ingredients") or _strip_label(node_text(ingredients_el), "ingredients"),
-        "allergens": props.get("allergens") or _strip_label(node_text(allergens_el), "allergy advice", "allergens"),
+        "ingredients": props.get("ingredients") or _strip_label(el_text(ingredients_el), "ingredients"),
+        "allergens": props.get("allergens") or _strip_label(el_text(allergens_el), "allergy advice", "allergens"),
         "serving_size": props.get("serving size", ""),
         "nutrition_basis": basis,
         "nutrition": dict(nutrition),
@@ -112,9 +111,9 @@ def _fact_blocks(f: dict[str, Any]) -> list[str]:
 
 
 def _prose(page: Page, f: dict[str, Any]) -> str:
-    main = main_element(page.soup)
-    skip = [*f["_consumed"], *main.find_all(["h1", "script", "nav", "table"])]
-    prose = render_blocks(main, skip=skip, seen={f["name"], f["description"]})
+    main = main_node(page.tree)
+    skip = [*f["_consumed"], *main.iter("h1", "script", "style", "nav", "table")]
+    prose = el_render_blocks(main, skip=skip, seen={f["name"], f["description"]})
     drop = {"ingredients", "nutrition", "nutrition information", "allergens"}
     return "\n\n".join(b for b in prose.split("\n\n") if b.strip().lower().rstrip(":") not in drop)
 

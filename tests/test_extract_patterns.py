@@ -196,3 +196,18 @@ def test_every_furniture_phrase_is_dropped(line: str) -> None:
 
     assert drop_boilerplate(f"A real first paragraph stays.\n{line}\nAnd the last one too.") == \
         "A real first paragraph stays.\nAnd the last one too."
+
+
+@pytest.mark.parametrize(("name", "category", "parse"), [
+    ("product_microdata.html", "product_compositions", "parse_composition"),
+    ("product_rdfa.html", "product_descriptions", "parse_description"),
+    ("additive_text.html", "chemical_additives", "parse")])
+def test_products_and_additives_read_the_one_lxml_tree(name: str, category: str, parse: str) -> None:
+    """No second (BeautifulSoup) parse of the page for these categories."""
+    import importlib
+
+    from scrapers.common import make_page
+
+    module = importlib.import_module("scrapers.additives" if category == "chemical_additives" else "scrapers.products")
+    page = make_page(f"http://example.org/{name}", (PAGES / name).read_text(encoding="utf-8"))
+    assert getattr(module, parse)(page).text and page._soup is None
