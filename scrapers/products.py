@@ -61,10 +61,26 @@ def _nutrition_table(main: Any) -> tuple[str, list[tuple[str, str]], Any]:
     return basis, pairs, table
 
 
+def _open_graph(page: Page) -> dict[str, str]:
+    """og:* and product:* meta values when the page says it is a product (og:type product, product.item)."""
+    meta = {m.get("property").lower(): clean(m.get("content")) for m in page.tree.xpath(
+        "//meta[@property and @content][starts-with(@property, 'og:') or starts-with(@property, 'product:')]")}
+    return meta if meta.get("og:type", "").split(".")[0] in ("product", "og:product") else {}
+
+
+def _price(offer: dict[str, Any]) -> str:
+    """Offer price, or an AggregateOffer's low-high range, with its currency."""
+    low, high = clean(offer.get("lowPrice")), clean(offer.get("highPrice"))
+    price = clean(offer.get("price")) or (f"{low}-{high}" if low and high and low != high else low or high)
+    return f"{price} {clean(offer.get('priceCurrency'))}".strip() if price else ""
+
+
 def facts(page: Page) -> dict[str, Any]:
-    """Structured product facts from Product markup plus HTML rules."""
+    """Structured product facts from Product markup (JSON-LD, microdata, RDFa), Open Graph product tags where
+    the markup leaves a fact out, plus HTML rules."""
     items = page.of_type("Product", "IndividualProduct", "ProductModel", "FoodProduct")
     item = max(items, key=lambda i: len(i), default={})
+    og = _open_graph(page)
     props = _props(item)
     main = main_node(page.tree)
     brand = item.get("brand")
@@ -75,20 +91,23 @@ def facts(page: Page) -> dict[str, Any]:
         nutrition = [(k, v) for k, v in props.items() if " per " in k]
     offers = as_list(item.get("offers"))
     offer = offers[0] if offers and isinstance(offers[0], dict) else {}
+    og_price = f"{og.get('product:price:amount', '')} {og.get('product:price:currency', '')}".strip()
     f = {
         "name": el_title(page, item.get("name")),
-        "brand": clean(brand.get("name") if isinstance(brand, dict) else brand),
-        "description": clean(item.get("description")),
+        "brand": clean(brand.get("name") if isinstance(brand, dict) else brand) or og.get("product:brand", ""),
+        "description": clean(item.get("description")) or og.get("og:description", ""),
         "category": clean(item.get("category")),
         "size": clean(item.get("size") or props.get("size") or props.get("net quantity")),
-        "gtin": clean(item.get("gtin13") or item.get("gtin") or item.get("gtin8")),
+        "gtin": clean(item.get("gtin13") or item.get("gtin") or item.get("gtin8") or item.get("gtin12")
+                      or item.get("gtin14")) or og.get("product:gtin", ""),
         "ingredients": props.get("ingredients") or _strip_label(el_text(ingredients_el), "ingredients"),
         "allergens": props.get("allergens") or _strip_label(el_text(allergens_el), "allergy advice", "allergens"),
         "serving_size": props.get("serving size", ""),
         "nutrition_basis": basis,
         "nutrition": dict(nutrition),
-        "price": f"{clean(offer.get('price'))} {clean(offer.get('priceCurrency'))}".strip() if offer else "",
+        "price": _price(offer) or og_price,
         "has_schema": bool(item),
+        "open_graph": bool(og),
     }
     f["_consumed"] = [e for e in (ingredients_el, allergens_el, table) if e is not None]
     return f
@@ -125,7 +144,7 @@ def _finish(f: dict[str, Any], text_blocks: list[str]) -> Parsed:
 
 def parse_composition(page: Page) -> Parsed:
     f = facts(page)
-    if not f["has_schema"]:
+    if not (f["has_schema"] or f["open_graph"]):
         reject_navigation(page)
     if not f["ingredients"] and not f["nutrition"]:
         raise ParseReject("no_product", "no ingredients and no nutrition table")
@@ -134,7 +153,7 @@ def parse_composition(page: Page) -> Parsed:
 
 def parse_description(page: Page) -> Parsed:
     f = facts(page)
-    if not f["has_schema"]:
+    if not (f["has_schema"] or f["open_graph"]):
         reject_navigation(page)
     prose = _prose(page, f)
     if not f["description"] and not prose:

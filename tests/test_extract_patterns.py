@@ -44,7 +44,8 @@ CASES = [("entities.html", "recipes"), ("no_markup.html", "recipes"), ("text_onl
          ("additive_text.html", "chemical_additives"), ("split_amount_name.html", "recipes"),
          ("repeated_blocks.html", "recipes"), ("dl_ingredients.html", "recipes"), ("span_marked.html", "recipes"),
          ("quantified_markup.html", "recipes"), ("cta_paragraph.html", "recipes"),
-         ("self_closing_script.html", "recipes")]
+         ("self_closing_script.html", "recipes"), ("product_opengraph.html", "product_descriptions"),
+         ("product_aggregate_offer.html", "product_descriptions")]
 
 
 @pytest.mark.parametrize(("name", "category"), CASES)
@@ -150,6 +151,18 @@ def test_products_from_microdata_and_rdfa() -> None:
     assert f["nutrition"]["Fat"] == "18 g"
     _, f = doc("product_rdfa.html", "product_compositions")
     assert f["has_schema"] and f["name"] == "Rye Crackers" and f["brand"] == "Nordic"
+
+
+def test_product_facts_from_open_graph_product_tags() -> None:
+    d, f = doc("product_opengraph.html", "product_descriptions")
+    assert f["open_graph"] and not f["has_schema"] and f["name"] == "Smoked paprika 75 g"
+    assert f["brand"] == "La Dehesa" and f["price"] == "4.20 EUR" and f["gtin"] == "8412345678905"
+    assert f["description"] == "Oak-smoked sweet paprika from Extremadura, stone-ground." and "smoky warmth" in d["text"]
+
+
+def test_product_aggregate_offer_price_range_and_gtin12() -> None:
+    _, f = doc("product_aggregate_offer.html", "product_descriptions")
+    assert f["price"] == "9.50-24.00 EUR" and f["gtin"] == "012345678905" and f["brand"] == "Olivar"
 
 
 def test_additive_from_text_lines() -> None:
