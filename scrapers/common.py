@@ -1,12 +1,19 @@
-"""Helpers shared by the fetcher and the category parsers: URLs, ids and charset decoding."""
+"""Helpers shared by the fetcher and the category parsers: URLs, ids, charset decoding, the parsed page,
+structured data, text hygiene (entities, boilerplate) and element helpers on the page's lxml tree."""
 
 from __future__ import annotations
 
 import codecs
 import hashlib
+import html as html_lib
+import json
+import logging
 import re
+from dataclasses import dataclass, field
+from typing import Any
 from urllib.parse import urlsplit
 
+from bs4 import BeautifulSoup, Tag
 from charset_normalizer import from_bytes
 
 from scrapers.urls import canonical_url
@@ -98,14 +105,6 @@ def decode_body(body: bytes, content_type: str | None = None) -> tuple[str, str]
 
 
 # ------------------------------------------------------------------------------ parsing helpers
-import html as html_lib
-import json
-import logging
-from dataclasses import dataclass, field
-from typing import Any
-
-from bs4 import BeautifulSoup, Tag
-
 _log = logging.getLogger("scrapers.parse")
 
 
