@@ -2,6 +2,7 @@
 
     python benchmarks/bench_extract.py recipes  --corpus /path/recipe-scrapers/tests/test_data --split dev
     python benchmarks/bench_extract.py articles --corpus /path/trafilatura/tests
+    python benchmarks/bench_extract.py products --corpus /path/extruct/tests/samples
 
 The corpus is read from the path given (nothing third-party lives in this repository):
 - recipes: recipe-scrapers' ``<site>/<name>.testhtml`` + ``<name>.json`` (title, ingredients). ``--split dev``
@@ -10,7 +11,12 @@ The corpus is read from the path given (nothing third-party lives in this reposi
 - articles: trafilatura's evaluation corpus: ``evaldata.json`` (url -> file, ``with``/``without`` snippets)
   with the pages in ``cache/`` or ``eval/``; scored exactly as trafilatura's ``tests/eval_common.py`` does.
 
-Each corpus is served on loopback as many sites (one source per site folder, spread over up to 16 hosts),
+- products: extruct's own test samples (microdata, RDFa, JSON-LD, Open Graph): every page on which plain
+  ``extruct.extract`` (all syntaxes) finds a schema.org Product is run through the project's product parsers
+  (``extract_page``, product_descriptions and product_compositions, in process: these are markup samples,
+  not sites), and each fact extruct reads (name, description, brand, price, gtin) is looked up in the record.
+
+Recipes and articles are served on loopback as many sites (one source per site folder, spread over up to 16 hosts),
 then the project's own stages run as a new user would run them: ``run_scrape`` with a sources file that
 lists each site, ``run_extract`` (one worker). The baseline runs in the same process on the very pages
 the scrape stored (same bytes, same scoring):
@@ -347,9 +353,104 @@ def table(res: dict[str, Any]) -> str:
     return "\n".join(out)
 
 
+# ------------------------------------------------------------------------------------------ products
+PRODUCT_TYPES = {"product", "individualproduct", "productmodel", "foodproduct"}
+
+
+def extruct_products(data: Any) -> list[dict[str, Any]]:
+    """Product items anywhere in extruct's uniform output (nested in offers, orders, @graph)."""
+    out: list[dict[str, Any]] = []
+    stack = [data]
+    while stack:
+        o = stack.pop()
+        if isinstance(o, list):
+            stack.extend(o)
+        elif isinstance(o, dict):
+            t = o.get("@type")
+            if any(isinstance(x, str) and x.rsplit("/", 1)[-1].lower() in PRODUCT_TYPES
+                   for x in (t if isinstance(t, list) else [t])):
+                out.append(o)
+            stack.extend(v for v in o.values() if isinstance(v, (dict, list)))
+    return out
+
+
+def product_facts(item: dict[str, Any]) -> dict[str, str]:
+    def one(v: Any) -> str:
+        v = v[0] if isinstance(v, list) and v else v
+        if isinstance(v, dict):
+            v = v.get("name") or v.get("@value") or ""
+        return str(v or "").strip()
+
+    offer = item.get("offers")
+    offer = (offer[0] if isinstance(offer, list) and offer else offer) or {}
+    offer = offer if isinstance(offer, dict) else {}
+    facts = {"name": one(item.get("name")), "description": one(item.get("description")),
+             "brand": one(item.get("brand")), "price": one(offer.get("price") or offer.get("lowPrice")),
+             "gtin": one(item.get("gtin13") or item.get("gtin") or item.get("gtin12") or item.get("gtin8"))}
+    return {k: v for k, v in facts.items() if v}
+
+
+def run_products(corpus: Path) -> dict[str, Any]:
+    import extruct
+
+    from scrapers.extract_page import extract_page
+
+    pages = found = docs = 0
+    hits: dict[str, list[int]] = {}
+    cpu = {"project": 0.0, "extruct": 0.0}
+    rows = []
+    for path in sorted(corpus.rglob("*.html")):
+        body = path.read_bytes()
+        url = "http://example.org/" + quote(path.name)
+        c0 = _cpu()
+        try:
+            data = extruct.extract(body, base_url=url, uniform=True)
+        except Exception:  # noqa: BLE001 - a sample extruct itself cannot read
+            data = {}
+        cpu["extruct"] += _cpu() - c0
+        pages += 1
+        products = [p for p in extruct_products(data) if product_facts(p).get("name")]
+        if not products:
+            continue
+        found += 1
+        record, got = "", False
+        c0 = _cpu()
+        for category in ("product_descriptions", "product_compositions"):
+            d, rej = extract_page({"url": url, "category": category, "source_id": "bench", "sha256": "",
+                                   "body": body, "content_type": "text/html"}, 1)
+            if d is not None:
+                got = True
+                record += " " + words(" \n ".join([d["title"], d["text"], *flat_values(json.loads(d["fields"]))]))
+        cpu["project"] += _cpu() - c0
+        docs += got
+        facts = product_facts(max(products, key=lambda p: len(product_facts(p))))
+        for k, v in facts.items():
+            h = hits.setdefault(k, [0, 0])
+            h[1] += 1
+            h[0] += contains(record, v)
+        rows.append((str(path.relative_to(corpus)), got, {k: contains(record, v) for k, v in facts.items()}))
+    return {"kind": "products", "pages": pages, "with_product": found, "documents": docs, "facts": hits,
+            "cpu": cpu, "rows": rows}
+
+
+def products_table(res: dict[str, Any]) -> str:
+    out = ["products (extruct's test samples)", "", "| | this project | plain extruct (all syntaxes) |", "|---|---|---|",
+           f"| sample pages / with a schema.org Product | {res['pages']} / {res['with_product']} | "
+           f"{res['pages']} / {res['with_product']} |",
+           f"| Product pages with a document | {res['documents']} | - |"]
+    for k, (hit, n) in sorted(res["facts"].items()):
+        out.append(f"| Product {k} found in the record | {hit}/{n} | {n}/{n} |")
+    out.append(f"| CPU s (project: Product pages, both categories; extruct: all pages) | "
+               f"{res['cpu']['project']:.2f} | {res['cpu']['extruct']:.2f} |")
+    out.append("")
+    out += [f"- {name}: {'document' if got else 'no document'}; " +
+            ", ".join(f"{k} {'yes' if ok else 'NO'}" for k, ok in facts.items()) for name, got, facts in res["rows"]]
+    return "\n".join(out)
+
+
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("kind", choices=["recipes", "articles"])
+    ap.add_argument("kind", choices=["recipes", "articles", "products"])
     ap.add_argument("--corpus", required=True, type=Path,
                     help="recipes: recipe-scrapers' tests/test_data; articles: trafilatura's tests/ folder")
     ap.add_argument("--split", choices=["dev", "heldout", "all"], default="dev",
@@ -358,6 +459,9 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--work", type=Path, help="keep the served site, data root and result.json here")
     ap.add_argument("--show-lost", action="store_true", help="list pages without a document and why")
     args = ap.parse_args(argv)
+    if args.kind == "products":
+        print(products_table(run_products(args.corpus)))
+        return
     work = args.work or Path(tempfile.mkdtemp(prefix="bench-extract-"))
     if work.exists() and args.work:
         shutil.rmtree(work)

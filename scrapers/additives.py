@@ -12,13 +12,13 @@ from scrapers.common import (
     Page,
     Parsed,
     ParseReject,
+    el_render_blocks,
+    el_table_rows,
+    el_text,
+    el_title,
     join_blocks,
-    main_element,
-    node_text,
-    page_title,
+    main_node,
     reject_navigation,
-    render_blocks,
-    table_rows,
 )
 
 E_NUMBER = re.compile(r"\bE\s?-?(\d{3,4}[a-z]?(?:\s?\([ivx]+\))?)", re.I)
@@ -41,22 +41,22 @@ def _key(label: str) -> str | None:
 
 
 def parse(page: Page) -> Parsed:
-    main = main_element(page.soup)
+    main = main_node(page.tree)
     pairs: list[tuple[str, str]] = []
     consumed = []
-    for dl in main.find_all("dl"):
-        for dt in dl.find_all("dt"):
-            dd = dt.find_next_sibling("dd")
+    for dl in main.iter("dl"):
+        for dt in dl.iter("dt"):
+            dd = next(dt.itersiblings("dd"), None)
             if dd is not None:
-                pairs.append((node_text(dt), node_text(dd)))
+                pairs.append((el_text(dt), el_text(dd)))
         consumed.append(dl)
-    for table in main.find_all("table"):
-        rows = [r for r in table_rows(table) if len(r) == 2]
+    for table in main.iter("table"):
+        rows = [r for r in el_table_rows(table) if len(r) == 2]
         if rows and any(_key(r[0]) for r in rows):
             pairs.extend((r[0], r[1]) for r in rows)
             consumed.append(table)
-    for el in main.find_all(["p", "li"]):
-        m = re.match(r"^([A-Za-z][A-Za-z \-]{1,30}):\s+(.+)$", node_text(el))
+    for el in main.iter("p", "li"):
+        m = re.match(r"^([A-Za-z][A-Za-z \-]{1,30}):\s+(.+)$", el_text(el))
         if m and _key(m.group(1)):
             pairs.append((m.group(1), m.group(2)))
             consumed.append(el)
@@ -65,7 +65,7 @@ def parse(page: Page) -> Parsed:
         k = _key(label)
         if k and k not in facts and value:
             facts[k] = value
-    title = page_title(page)
+    title = el_title(page)
     if "e_number" not in facts:
         m = E_NUMBER.search(title) or E_NUMBER.search(facts.get("name", ""))
         if m:
@@ -78,7 +78,7 @@ def parse(page: Page) -> Parsed:
     facts["e_number"] = ("E" + m.group(1).replace(" ", "")).upper() if m else e
     facts.setdefault("name", re.sub(rf"^\s*{re.escape(facts['e_number'])}\s*[:\-–]\s*", "", title, flags=re.I))
     lines = [f"{label}: {value}" for label, value in pairs if value]
-    notes = render_blocks(main, skip=[*consumed, *main.find_all(["h1", "nav", "script"])], seen={title})
+    notes = el_render_blocks(main, skip=[*consumed, *main.iter("h1", "nav", "script", "style")], seen={title})
     facts["notes"] = notes
     text = join_blocks([title, "\n".join(lines), notes])
     return Parsed(title=title, text=text, fields=facts)

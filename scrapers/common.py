@@ -1,12 +1,19 @@
-"""Helpers shared by the fetcher and the category parsers: URLs, ids and charset decoding."""
+"""Helpers shared by the fetcher and the category parsers: URLs, ids, charset decoding, the parsed page,
+structured data, text hygiene (entities, boilerplate) and element helpers on the page's lxml tree."""
 
 from __future__ import annotations
 
 import codecs
 import hashlib
+import html as html_lib
+import json
+import logging
 import re
+from dataclasses import dataclass, field
+from typing import Any
 from urllib.parse import urlsplit
 
+from bs4 import BeautifulSoup, Tag
 from charset_normalizer import from_bytes
 
 from scrapers.urls import canonical_url
@@ -98,14 +105,6 @@ def decode_body(body: bytes, content_type: str | None = None) -> tuple[str, str]
 
 
 # ------------------------------------------------------------------------------ parsing helpers
-import html as html_lib
-import json
-import logging
-from dataclasses import dataclass, field
-from typing import Any
-
-from bs4 import BeautifulSoup, Tag
-
 _log = logging.getLogger("scrapers.parse")
 
 
@@ -138,7 +137,7 @@ class Page:
         self.url, self.html, self.license = url, html, license
         self.tree = parse_tree(html)
         self._soup: BeautifulSoup | None = None
-        self._items: list[dict[str, Any]] | None = None
+        self._items: dict[str, list[dict[str, Any]]] = {}  # per syntax, read on first use
         self._main_text: str | None = None
 
     @property
@@ -147,22 +146,26 @@ class Page:
             self._soup = BeautifulSoup(self.html, "lxml")
         return self._soup
 
+    def items_of(self, syntax: str) -> list[dict[str, Any]]:
+        """schema.org items of one syntax (json-ld, microdata, rdfa), flattened (@graph, lists, nested items)."""
+        if syntax not in self._items:
+            self._items[syntax] = structured_items(self.tree, self.url, self.html, syntaxes=(syntax,))
+        return self._items[syntax]
+
     @property
     def items(self) -> list[dict[str, Any]]:
-        """schema.org items from JSON-LD, microdata and RDFa, flattened (@graph, lists, nested items)."""
-        if self._items is None:
-            self._items = structured_items(self.tree, self.url, self.html)
-        return self._items
+        """Every schema.org item on the page: JSON-LD, microdata and RDFa."""
+        return [it for syntax in SYNTAXES for it in self.items_of(syntax)]
 
     def of_type(self, *types: str) -> list[dict[str, Any]]:
+        """Items of these types from the first syntax that has any, in the order JSON-LD, microdata, RDFa:
+        microdata and RDFa (extruct; RDFa is slow) are read only when JSON-LD has no such item."""
         wanted = {t.lower() for t in types}
-        out = []
-        for it in self.items:
-            t = it.get("@type")
-            ts = t if isinstance(t, list) else [t]
-            if any(isinstance(x, str) and x.split("/")[-1].split("#")[-1].lower() in wanted for x in ts):
-                out.append(it)
-        return out
+        for syntax in SYNTAXES:
+            out = [it for it in self.items_of(syntax) if _is_type(it, wanted)]
+            if out:
+                return out
+        return []
 
     def main_text(self) -> str:
         """The page's main text by trafilatura (tables kept, comments and boilerplate dropped), cleaned."""
@@ -171,11 +174,20 @@ class Page:
         return self._main_text
 
 
+def _is_type(item: dict[str, Any], wanted: set[str]) -> bool:
+    t = item.get("@type")
+    return any(isinstance(x, str) and x.split("/")[-1].split("#")[-1].lower() in wanted
+               for x in (t if isinstance(t, list) else [t]))
+
+
 def make_page(url: str, html: str, license: str | None = None) -> Page:
     return Page(url, html, license)
 
 
 _XML_DECL = re.compile(r"^\s*<\?xml[^>]*>", re.IGNORECASE)
+# "<script .../>" opens a script in a browser (HTML has no self-closing script or style), but libxml2 closes
+# it, and the code after it would become page text
+_SELF_CLOSED = re.compile(r"<(script|style)\b([^<>]*?)/>", re.IGNORECASE)
 
 
 def parse_tree(html: str) -> Any:
@@ -183,6 +195,8 @@ def parse_tree(html: str) -> Any:
     import lxml.html
 
     html = _XML_DECL.sub("", html, count=1)
+    if "/>" in html:
+        html = _SELF_CLOSED.sub(r"<\1\2>", html)
     try:
         tree = lxml.html.fromstring(html.encode("utf-8", "replace"),
                                     parser=lxml.html.HTMLParser(encoding="utf-8", remove_comments=True))
@@ -231,21 +245,27 @@ def _rdfa_plain(v: Any) -> Any:
     return v
 
 
-def structured_items(tree: Any, url: str, html: str | None = None) -> list[dict[str, Any]]:
-    """Every typed schema.org item on the page: JSON-LD (each block on its own, so one broken block hides
-    nothing else), then microdata and RDFa (extruct, on the same tree) only when the page has such markup."""
+SYNTAXES = ("json-ld", "microdata", "rdfa")
+
+
+def structured_items(tree: Any, url: str, html: str | None = None,
+                     syntaxes: tuple[str, ...] = SYNTAXES) -> list[dict[str, Any]]:
+    """Every typed schema.org item of ``syntaxes`` on the page: JSON-LD (each block on its own, so one broken
+    block hides nothing else), then microdata and RDFa (extruct, on the same tree) only when the page has such markup."""
     data: list[Any] = []
-    for script in tree.xpath('//script[contains(translate(@type, "LDJSON", "ldjson"), "ld+json")]'):
-        obj = _read_jsonld(script.text or "")
-        if obj is not None:
-            data.append(obj)
-        else:
-            _log.debug("%s: a JSON-LD block is unreadable; skipped", url)
-    syntaxes = [x for x, probe in (("microdata", "//*[@itemscope]"), ("rdfa", "//*[@typeof]")) if tree.xpath(probe)]
-    if syntaxes:
+    if "json-ld" in syntaxes:
+        for script in tree.xpath('//script[contains(translate(@type, "LDJSON", "ldjson"), "ld+json")]'):
+            obj = _read_jsonld(script.text or "")
+            if obj is not None:
+                data.append(obj)
+            else:
+                _log.debug("%s: a JSON-LD block is unreadable; skipped", url)
+    markup = [x for x, probe in (("microdata", "//*[@itemscope]"), ("rdfa", "//*[@typeof]"))
+              if x in syntaxes and tree.xpath(probe)]
+    if markup:
         import extruct
 
-        for syntax in syntaxes:
+        for syntax in markup:
             try:
                 # RDFa needs extruct's own DOM-flavoured parse of the string; microdata reads the shared tree
                 src = html if syntax == "rdfa" and html is not None else tree
@@ -300,7 +320,8 @@ _BOILERPLATE = re.compile(r"""(?ix)
     |by\ (?:continuing|clicking|using)\ .{0,40}(?:agree|consent|accept)|privacy\ (?:policy|settings)\ and\ cookie
     |(?:sign\ up|subscribe)\ (?:for|to)\ (?:our|the|my)\ (?:free\ )?(?:newsletter|mailing\ list|emails?)
     |(?:join|get)\ (?:our|the)\ newsletter|never\ miss\ a\ (?:recipe|post|story)|delivered\ (?:straight\ )?to\ your\ inbox
-    |share\ (?:this|on)\ (?:facebook|twitter|pinterest|whatsapp|email|recipe|article|post|page)
+    |share\ on\ (?:facebook|twitter|pinterest|whatsapp|email)|share\ (?:it|them|your\ \w+)\ (?:with\ us\ )?on\ (?:instagram|facebook)
+    |rate\ (?:this|the)\ recipe|leave\ a\ (?:rating|review)|(?:tag|follow)\ (?:me|us)\ on\ (?:instagram|facebook|pinterest)
     |(?:pin|save)\ (?:it|this\ recipe)\ (?:on|to|for\ later)|click\ to\ share|share\ via
     |leave\ a\ (?:comment|reply)|your\ email\ address\ will\ not\ be\ published|required\ fields\ are\ marked
     |save\ my\ name,?\ email|notify\ me\ of\ (?:follow-up|new)\ (?:comments|posts)|you\ must\ be\ logged\ in\ to
@@ -313,6 +334,26 @@ _BOILERPLATE = re.compile(r"""(?ix)
     |utilizamos\ cookies|este\ sitio\ (?:web\ )?utiliza\ cookies|utilizziamo\ i?\ ?cookie|używamy\ (?:plików\ )?cookies
     |pour\ (?:lire\ la\ suite|accéder\ en\ illimité)|abonnez-vous\ à\ (?:notre|la)\ newsletter|suscr[ií]bete\ a
     |síguenos\ en|siguenos\ en|folge\ uns\ auf|follow\ us\ on)""")
+# Every phrase above (and _SHARE below) holds one of these lower-case words. The big pattern costs ~15 us
+# per line even where nothing matches; a substring test over the whole text first lets most texts, and
+# most lines of the others, skip it.
+_HINTS = ("cookie", "consent", "privacy", "agree", "accept", "newsletter", "mailing list", "mail", "inbox",
+          "never miss", "share", "pin it", "pin this", "save it", "save this", "save my", "rate th", "leave a",
+          "instagram", "facebook", "pinterest", "comment", "required fields", "notify", "logged in", "akismet",
+          "enjoyed reading", "button", "datenschutz", "kommentar", "eingeloggt", "inhalt von", "pour lire",
+          "pour accéder", "suscr", "guenos en", "folge uns", "follow us")
+
+
+def _boilerplate(s: str, short: bool, hints: tuple[str, ...] = _HINTS) -> bool:
+    low = s.lower()
+    return any(h in low for h in hints) and (
+        _BOILERPLATE.search(s) is not None or (short and _SHARE.search(s) is not None))
+
+
+# "share this recipe" is a button label on a line of its own, but also a phrase of real prose
+# ("I wanted to share this recipe today"): it counts only on short lines
+_SHARE = re.compile(r"(?i)\bshare\ (?:this|on)\ (?:facebook|twitter|pinterest|whatsapp|email|recipe|article|post|page)\b")
+_SENTENCE = re.compile(r"(?<=[.!?])\s+(?=[A-Z\"'“‘(])")
 # "Read also:"-style headings: the line, and the short teaser lines that follow it, are other articles
 _READ_ALSO = re.compile(r"""(?ix)^\s*(?:
     (?:lesen\ sie\ (?:auch|mehr)|auch\ (?:lesen|interessant)|das\ könnte\ (?:sie|dich)\ (?:auch\ )?interessieren
@@ -332,6 +373,8 @@ def drop_boilerplate(text: str) -> str:
         return text
     out: list[str] = []
     teaser = False
+    low = text.lower()
+    hints = tuple(h for h in _HINTS if h in low)
     for line in text.split("\n"):
         s = line.strip()
         if teaser:  # teaser titles after a "read also" heading: short lines without a full stop
@@ -343,8 +386,15 @@ def drop_boilerplate(text: str) -> str:
             continue
         if _FURNITURE.match(s):
             continue
-        if s and len(s) <= 300 and _BOILERPLATE.search(s):
-            continue
+        short = len(s) <= 300
+        if hints and _boilerplate(s, short, hints):
+            # drop the furniture sentences ("... be sure to leave a comment!" closing a paragraph); the line
+            # goes when what is left is too short to be prose of its own ("Accept", "OK")
+            rest = " ".join(x for x in _SENTENCE.split(s)
+                            if not _boilerplate(x, short, hints))
+            if len(rest) < 120:
+                continue
+            line = rest
         out.append(line)
     return "\n".join(out).strip()
 
@@ -506,6 +556,86 @@ def render_blocks(root: Tag, skip: list[Tag] | None = None, seen: set[str] | Non
             text = "- " + text
         elif el.name == "tr":
             text = " | ".join(node_text(c) for c in el.find_all(["th", "td"]))
+        out.append(text)
+    return join_blocks(out)
+
+
+# --------------------------------------------------- the same helpers on the shared lxml tree
+# (products and additives read the page's one lxml parse; BeautifulSoup stays for code pages)
+_LOWER_ATTRS = ("translate(concat(@class, ' ', @id, ' ', @itemprop), 'ABCDEFGHIJKLMNOPQRSTUVWXYZ', "
+                "'abcdefghijklmnopqrstuvwxyz')")
+
+
+def el_text(el: Any) -> str:
+    """Text of an lxml element, text nodes joined by spaces, without script/style code (as soup's get_text)."""
+    if el is None:
+        return ""
+    parts = el.xpath(".//text()[not(ancestor::script or ancestor::style)]") if isinstance(el.tag, str) else []
+    return clean(" ".join(" ".join(parts).split()))
+
+
+def el_marked(root: Any, *words: str, names: tuple[str, ...] | None = None) -> list[Any]:
+    """Elements under ``root`` whose class, id or itemprop contains one of ``words`` (case-insensitive)."""
+    cond = " or ".join(f"contains({_LOWER_ATTRS}, '{w.lower()}')" for w in words)
+    tags = " or ".join(f"self::{n}" for n in names) if names else "true()"
+    return root.xpath(f".//*[({tags}) and ({cond})]")
+
+
+def el_title(page: Page, *candidates: Any) -> str:
+    """First non-empty candidate, else the first <h1>, else the <title> before ' | '."""
+    for c in candidates:
+        if clean(c):
+            return clean(c)
+    for h1 in page.tree.iter("h1"):
+        if el_text(h1):
+            return el_text(h1)
+        break
+    t = page.tree.find(".//title")
+    return clean(t.text_content()).split(" | ")[0] if t is not None else ""
+
+
+def el_table_rows(table: Any) -> list[list[str]]:
+    rows = []
+    for tr in table.iter("tr"):
+        cells = [el_text(c) for c in tr.iter("th", "td")]
+        if any(cells):
+            rows.append(cells)
+    return rows
+
+
+def el_code_language(pre: Any) -> str:
+    for el in [pre, *pre.iter("code")]:
+        if el.get("data-lang"):
+            return el.get("data-lang").lower()
+        for c in (el.get("class") or "").split():
+            m = re.match(r"^(?:language|lang|highlight|brush)[-:](.+)$", c, re.IGNORECASE)
+            if m:
+                return m.group(1).lower()
+    return ""
+
+
+def el_render_blocks(root: Any, skip: list[Any] | None = None, seen: set[str] | None = None) -> str:
+    """``render_blocks`` on an lxml element: headings, paragraphs, '- ' list items, fenced code, table rows."""
+    skip = list(skip or [])  # held, so the ids below stay those of these elements
+    skip_ids = {id(s) for s in skip}
+    seen = seen if seen is not None else set()
+    out: list[str] = []
+    for el in root.iter(*BLOCKS):
+        if id(el) in skip_ids or any(id(a) in skip_ids or a.tag in BLOCKS for a in el.iterancestors()):
+            continue  # left out, or nested in a block whose text already holds it
+        if el.tag == "pre":
+            code = el.text_content().strip("\n")
+            if code.strip():
+                out.append(f"```{el_code_language(el)}\n{code}\n```")
+            continue
+        text = el_text(el)
+        if not text or text in seen:
+            continue
+        seen.add(text)
+        if el.tag == "li":
+            text = "- " + text
+        elif el.tag == "tr":
+            text = " | ".join(el_text(c) for c in el.iter("th", "td"))
         out.append(text)
     return join_blocks(out)
 

@@ -11,22 +11,20 @@ from __future__ import annotations
 import re
 from typing import Any
 
-from bs4 import Tag
-
 from scrapers.common import (
     Page,
     Parsed,
     ParseReject,
     as_list,
     clean,
-    find_marked,
+    el_marked,
+    el_render_blocks,
+    el_table_rows,
+    el_text,
+    el_title,
     join_blocks,
-    main_element,
-    node_text,
-    page_title,
+    main_node,
     reject_navigation,
-    render_blocks,
-    table_rows,
 )
 
 
@@ -44,17 +42,18 @@ def _strip_label(text: str, *labels: str) -> str:
     return text.strip()
 
 
-def _nutrition_table(main: Tag) -> tuple[str, list[tuple[str, str]], Tag | None]:
-    tables = find_marked(main, "nutrition", "nutrient", names=("table",))
+def _nutrition_table(main: Any) -> tuple[str, list[tuple[str, str]], Any]:
+    tables = el_marked(main, "nutrition", "nutrient", names=("table",))
     if not tables:
-        tables = [t for t in main.find_all("table") if any(len(r) >= 2 for r in table_rows(t))]
+        tables = [t for t in main.iter("table") if any(len(r) >= 2 for r in el_table_rows(t))]
     if not tables:
         return "", [], None
     table = tables[0]
-    caption = node_text(table.find("caption"))
-    rows = table_rows(table)
+    caption = el_text(table.find(".//caption"))
+    rows = el_table_rows(table)
     header = ""
-    if rows and table.find("tr") is not None and table.find("tr").find("td") is None:  # header row of <th>
+    first = table.find(".//tr")
+    if rows and first is not None and first.find(".//td") is None:  # header row of <th>
         header = rows[0][1] if len(rows[0]) > 1 else ""
         rows = rows[1:]
     pairs = [(r[0], " / ".join(r[1:])) for r in rows if len(r) >= 2]
@@ -62,34 +61,53 @@ def _nutrition_table(main: Tag) -> tuple[str, list[tuple[str, str]], Tag | None]
     return basis, pairs, table
 
 
+def _open_graph(page: Page) -> dict[str, str]:
+    """og:* and product:* meta values when the page says it is a product (og:type product, product.item)."""
+    meta = {m.get("property").lower(): clean(m.get("content")) for m in page.tree.xpath(
+        "//meta[@property and @content][starts-with(@property, 'og:') or starts-with(@property, 'product:')]")}
+    return meta if meta.get("og:type", "").split(".")[0] in ("product", "og:product") else {}
+
+
+def _price(offer: dict[str, Any]) -> str:
+    """Offer price, or an AggregateOffer's low-high range, with its currency."""
+    low, high = clean(offer.get("lowPrice")), clean(offer.get("highPrice"))
+    price = clean(offer.get("price")) or (f"{low}-{high}" if low and high and low != high else low or high)
+    return f"{price} {clean(offer.get('priceCurrency'))}".strip() if price else ""
+
+
 def facts(page: Page) -> dict[str, Any]:
-    """Structured product facts from Product markup plus HTML rules."""
+    """Structured product facts from Product markup (JSON-LD, microdata, RDFa), Open Graph product tags where
+    the markup leaves a fact out, plus HTML rules."""
     items = page.of_type("Product", "IndividualProduct", "ProductModel", "FoodProduct")
     item = max(items, key=lambda i: len(i), default={})
+    og = _open_graph(page)
     props = _props(item)
-    main = main_element(page.soup)
+    main = main_node(page.tree)
     brand = item.get("brand")
-    ingredients_el = next(iter(find_marked(main, "ingredient", names=("p", "div", "section", "span", "ul"))), None)
-    allergens_el = next(iter(find_marked(main, "allergen", names=("p", "div", "span", "ul"))), None)
+    ingredients_el = next(iter(el_marked(main, "ingredient", names=("p", "div", "section", "span", "ul"))), None)
+    allergens_el = next(iter(el_marked(main, "allergen", names=("p", "div", "span", "ul"))), None)
     basis, nutrition, table = _nutrition_table(main)
     if not nutrition:  # fall back to additionalProperty entries such as "fat (g) per 100 g"
         nutrition = [(k, v) for k, v in props.items() if " per " in k]
     offers = as_list(item.get("offers"))
     offer = offers[0] if offers and isinstance(offers[0], dict) else {}
+    og_price = f"{og.get('product:price:amount', '')} {og.get('product:price:currency', '')}".strip()
     f = {
-        "name": page_title(page, item.get("name")),
-        "brand": clean(brand.get("name") if isinstance(brand, dict) else brand),
-        "description": clean(item.get("description")),
+        "name": el_title(page, item.get("name")),
+        "brand": clean(brand.get("name") if isinstance(brand, dict) else brand) or og.get("product:brand", ""),
+        "description": clean(item.get("description")) or og.get("og:description", ""),
         "category": clean(item.get("category")),
         "size": clean(item.get("size") or props.get("size") or props.get("net quantity")),
-        "gtin": clean(item.get("gtin13") or item.get("gtin") or item.get("gtin8")),
-        "ingredients": props.get("ingredients") or _strip_label(node_text(ingredients_el), "ingredients"),
-        "allergens": props.get("allergens") or _strip_label(node_text(allergens_el), "allergy advice", "allergens"),
+        "gtin": clean(item.get("gtin13") or item.get("gtin") or item.get("gtin8") or item.get("gtin12")
+                      or item.get("gtin14")) or og.get("product:gtin", ""),
+        "ingredients": props.get("ingredients") or _strip_label(el_text(ingredients_el), "ingredients"),
+        "allergens": props.get("allergens") or _strip_label(el_text(allergens_el), "allergy advice", "allergens"),
         "serving_size": props.get("serving size", ""),
         "nutrition_basis": basis,
         "nutrition": dict(nutrition),
-        "price": f"{clean(offer.get('price'))} {clean(offer.get('priceCurrency'))}".strip() if offer else "",
+        "price": _price(offer) or og_price,
         "has_schema": bool(item),
+        "open_graph": bool(og),
     }
     f["_consumed"] = [e for e in (ingredients_el, allergens_el, table) if e is not None]
     return f
@@ -112,9 +130,9 @@ def _fact_blocks(f: dict[str, Any]) -> list[str]:
 
 
 def _prose(page: Page, f: dict[str, Any]) -> str:
-    main = main_element(page.soup)
-    skip = [*f["_consumed"], *main.find_all(["h1", "script", "nav", "table"])]
-    prose = render_blocks(main, skip=skip, seen={f["name"], f["description"]})
+    main = main_node(page.tree)
+    skip = [*f["_consumed"], *main.iter("h1", "script", "style", "nav", "table")]
+    prose = el_render_blocks(main, skip=skip, seen={f["name"], f["description"]})
     drop = {"ingredients", "nutrition", "nutrition information", "allergens"}
     return "\n\n".join(b for b in prose.split("\n\n") if b.strip().lower().rstrip(":") not in drop)
 
@@ -126,7 +144,7 @@ def _finish(f: dict[str, Any], text_blocks: list[str]) -> Parsed:
 
 def parse_composition(page: Page) -> Parsed:
     f = facts(page)
-    if not f["has_schema"]:
+    if not (f["has_schema"] or f["open_graph"]):
         reject_navigation(page)
     if not f["ingredients"] and not f["nutrition"]:
         raise ParseReject("no_product", "no ingredients and no nutrition table")
@@ -135,7 +153,7 @@ def parse_composition(page: Page) -> Parsed:
 
 def parse_description(page: Page) -> Parsed:
     f = facts(page)
-    if not f["has_schema"]:
+    if not (f["has_schema"] or f["open_graph"]):
         reject_navigation(page)
     prose = _prose(page, f)
     if not f["description"] and not prose:

@@ -73,6 +73,11 @@ def _richer(html: list[str], schema: list[str]) -> bool:
     return digits(html) > digits(schema) and sum(map(len, html)) > sum(map(len, schema))
 
 
+def _unquantified(lines: list[str]) -> bool:
+    """Most markup lines carry no number ("chicken breast"): the quantities are only on the page."""
+    return sum(any(c.isnumeric() for c in x) for x in lines) < len(lines) / 2
+
+
 def _nutrient_label(key: str) -> str:
     if key in _NUTRIENT_NAMES:
         return _NUTRIENT_NAMES[key]
@@ -112,12 +117,14 @@ _STEP_HEAD = re.compile(r"^(?:method|instructions?|directions?|steps?|preparatio
 
 
 def _text(el: Any) -> str:
-    return clean(" ".join(el.text_content().split()))
+    # a space between text nodes: "<span>1½</span><span>cups</span>" is "1½ cups", not "1½cups"
+    return clean(" ".join(" ".join(el.itertext()).split()))
 
 
-def _marked(root: Any, words: tuple[str, ...]) -> list[Any]:
+def _marked(root: Any, words: tuple[str, ...], tags: str = "self::ul or self::ol or self::div or self::section or "
+            "self::table or self::dl") -> list[Any]:
     cond = " or ".join(f"contains({_LOWER}, '{w}')" for w in words)
-    return root.xpath(f".//*[self::ul or self::ol or self::div or self::section or self::table][{cond}]")
+    return root.xpath(f".//*[({tags}) and ({cond})]")
 
 
 def _items_of(el: Any) -> list[str]:
@@ -126,6 +133,55 @@ def _items_of(el: Any) -> list[str]:
         return [t for t in (_text(li) for li in lis) if t]
     ps = el.xpath(".//p")
     return [t for t in (_text(p) for p in ps) if t] or ([_text(el)] if _text(el) else [])
+
+
+_STEP_WORDS = ("instruction", "step", "method", "direction", "preparation", "zubereitung")
+_ITEM_TAGS = ("li", "dt", "dd", "tr")
+
+
+def _repeated(el: Any) -> list[Any]:
+    """The shallowest group of >= 2 sibling elements of one tag and class under ``el`` (a list drawn with
+    <div class="ingredient">: one item per block, its amount and name kept together)."""
+    level = [el]
+    for _ in range(6):
+        nxt = []
+        for node in level:
+            kids = [k for k in node if isinstance(k.tag, str) and k.tag not in ("script", "style", "input")]
+            seen: dict[tuple[str, str], int] = {}
+            for k in kids:
+                seen[(k.tag, k.get("class") or "")] = seen.get((k.tag, k.get("class") or ""), 0) + 1
+            group = [k for k in kids if k.get("class") and seen[(k.tag, k.get("class"))] >= 2]
+            if group:
+                return group
+            nxt.extend(kids)
+        level = nxt
+    return []
+
+
+def _ingredient_nodes(main: Any) -> list[Any]:
+    """Elements holding one ingredient line each, found from the elements marked 'ingredient':
+    the list items (li, dt, table rows) under or around them, else repeated sibling blocks, else paragraphs;
+    outermost only, so a line split into amount / unit / name spans stays one line."""
+    # lxml makes a new Python proxy per access and id() is reused once one is freed: the lists that the
+    # id sets come from are kept alive until the end of the function
+    step_els = _marked(main, _STEP_WORDS)
+    steps = {id(e) for e in step_els}
+    nodes: dict[int, Any] = {}
+    for m in _marked(main, ("ingredient", "zutat"), tags="not(self::script or self::style or self::input or "
+                                                        "self::select or self::option or self::img)"):
+        if any(id(a) in steps for a in m.iterancestors()):
+            continue  # an ingredient link inside a step is not an ingredient line
+        found = m.xpath(".//li") or m.xpath(".//dt")
+        if not found:
+            up = next((a for a in m.iterancestors(*_ITEM_TAGS)), None)
+            found = [up] if up is not None else (m.xpath(".//tr") or _repeated(m) or m.xpath(".//p") or [m])
+        for n in found:
+            nodes.setdefault(id(n), n)
+    ids = set(nodes)
+    outer = [n for n in nodes.values() if not any(id(a) in ids for a in n.iterancestors())]
+    every = list(main.iter())
+    order = {id(e): i for i, e in enumerate(every)}
+    return sorted(outer, key=lambda n: order.get(id(n), 0))
 
 
 def _under_heading(root: Any, pattern: re.Pattern[str]) -> list[str]:
@@ -153,13 +209,11 @@ def _from_html(page: Page) -> dict[str, Any]:
     """Pages without Recipe data: lists marked 'ingredient' / 'instruction|step|method|direction', or the
     lists under an 'Ingredients' / 'Method' heading."""
     main = main_node(page.tree)
-    ingredients: list[str] = []
-    for el in _marked(main, ("ingredient", "zutat")):
-        ingredients.extend(_items_of(el))
+    ingredients = [t for t in (_text(n) for n in _ingredient_nodes(main)) if t]
     if not ingredients:
         ingredients = _under_heading(main, _ING_HEAD)
     steps: list[str] = []
-    for el in _marked(main, ("instruction", "step", "method", "direction", "preparation", "zubereitung")):
+    for el in _marked(main, _STEP_WORDS):
         steps.extend(_items_of(el))
     if not steps:
         steps = _under_heading(main, _STEP_HEAD)
@@ -194,10 +248,13 @@ def parse(page: Page) -> Parsed:
                                            bool(r.get("recipeInstructions"))))
         f = _from_schema(best)
         f["source_format"] = "schema.org"
-        h = _from_html(page)  # partial or thin markup: complete it from the page's own lists
-        if not f["ingredients"] or _richer(h["ingredients"], f["ingredients"]):
-            f["ingredients"] = h["ingredients"] or f["ingredients"]
-        f["steps"] = f["steps"] or h["steps"]
+        # partial or thin markup (no ingredients, no steps, lines without quantities): complete it from the
+        # page's own lists; markup with quantities is taken as it is (and the page's lists are not read)
+        if not f["ingredients"] or not f["steps"] or _unquantified(f["ingredients"]):
+            h = _from_html(page)
+            if not f["ingredients"] or _richer(h["ingredients"], f["ingredients"]):
+                f["ingredients"] = h["ingredients"] or f["ingredients"]
+            f["steps"] = f["steps"] or h["steps"]
     else:
         f = _from_html(page)
         f["source_format"] = "html" if f["ingredients"] or f["steps"] else "text"

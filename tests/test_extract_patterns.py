@@ -41,7 +41,11 @@ CASES = [("entities.html", "recipes"), ("no_markup.html", "recipes"), ("text_onl
          ("graph_howtosection.html", "recipes"), ("microdata_groups.html", "recipes"), ("thin_markup.html", "recipes"),
          ("consent_article.html", "articles"), ("product_microdata.html", "product_compositions"),
          ("product_microdata.html", "product_descriptions"), ("product_rdfa.html", "product_compositions"),
-         ("additive_text.html", "chemical_additives")]
+         ("additive_text.html", "chemical_additives"), ("split_amount_name.html", "recipes"),
+         ("repeated_blocks.html", "recipes"), ("dl_ingredients.html", "recipes"), ("span_marked.html", "recipes"),
+         ("quantified_markup.html", "recipes"), ("cta_paragraph.html", "recipes"),
+         ("self_closing_script.html", "recipes"), ("product_opengraph.html", "product_descriptions"),
+         ("product_aggregate_offer.html", "product_descriptions")]
 
 
 @pytest.mark.parametrize(("name", "category"), CASES)
@@ -93,11 +97,51 @@ def test_page_list_with_quantities_beats_thin_markup() -> None:
     assert f["ingredients"] == ["300 g chicken breast", "80 ml soy sauce", "1 tsp brown sugar"]
 
 
+def test_amount_and_name_in_separate_elements_stay_one_line() -> None:
+    _, f = doc("split_amount_name.html", "recipes")  # and an ingredient link inside a step is not a line
+    assert f["ingredients"] == ["2 cups hot water", "1 tablespoon tomato paste", "1½ cups tomato puree"]
+
+
+def test_repeated_blocks_without_list_items() -> None:
+    _, f = doc("repeated_blocks.html", "recipes")
+    assert f["ingredients"] == ["4 αυγά μεγάλα", "2 ντομάτες ώριμες", "1/2 φλ. ελαιόλαδο"]
+
+
+def test_definition_list_of_ingredients() -> None:
+    _, f = doc("dl_ingredients.html", "recipes")
+    assert f["ingredients"] == ["flax seeds 60 g", "water 120 ml", "sea salt 2 g"]
+    assert f["steps"][0] == "Soak the seeds in the water for 20 minutes."
+
+
+def test_list_items_holding_a_marked_span() -> None:
+    d, f = doc("span_marked.html", "recipes")
+    assert f["ingredients"] == ["300 gr rundergehakt", "1 ui", "2 paprika's bijv. een rode en een gele"]
+    assert "bak het gehakt rul" in d["text"]
+
+
+def test_markup_with_quantities_is_kept_as_written() -> None:
+    _, f = doc("quantified_markup.html", "recipes")
+    assert f["ingredients"] == ["1 1/2 cups dry red lentils", "1 large carrot (finely diced)", "3 cups vegetable broth"]
+
+
 def test_consent_share_newsletter_comment_form_removed_from_articles() -> None:
     d, _ = doc("consent_article.html", "articles")
     assert "short-chain fatty acids" in d["text"] and "Beans, lentils, oats" in d["text"]
     for junk in ("cookie", "Facebook", "newsletter", "Anbieter", "Leave a Reply", "Required fields"):
         assert junk.lower() not in d["text"].lower(), junk
+
+
+def test_call_to_comment_dropped_from_a_long_paragraph_but_prose_about_sharing_kept() -> None:
+    d, _ = doc("cta_paragraph.html", "recipes")
+    assert "I wanted to share this recipe today" in d["text"]
+    assert "Serve it beside grilled fish" in d["text"] and "almost no cooking at all on hot evenings." in d["text"]
+    assert "leave a comment" not in d["text"] and "give this recipe a rating" not in d["text"]
+
+
+def test_self_closing_script_is_not_page_text() -> None:
+    d, _ = doc("self_closing_script.html", "recipes")
+    assert "Walnuts or chocolate chips" in d["text"] and "freezes well" in d["text"]
+    assert "configuration" not in d["text"] and "function()" not in d["text"]
 
 
 def test_products_from_microdata_and_rdfa() -> None:
@@ -107,6 +151,18 @@ def test_products_from_microdata_and_rdfa() -> None:
     assert f["nutrition"]["Fat"] == "18 g"
     _, f = doc("product_rdfa.html", "product_compositions")
     assert f["has_schema"] and f["name"] == "Rye Crackers" and f["brand"] == "Nordic"
+
+
+def test_product_facts_from_open_graph_product_tags() -> None:
+    d, f = doc("product_opengraph.html", "product_descriptions")
+    assert f["open_graph"] and not f["has_schema"] and f["name"] == "Smoked paprika 75 g"
+    assert f["brand"] == "La Dehesa" and f["price"] == "4.20 EUR" and f["gtin"] == "8412345678905"
+    assert f["description"] == "Oak-smoked sweet paprika from Extremadura, stone-ground." and "smoky warmth" in d["text"]
+
+
+def test_product_aggregate_offer_price_range_and_gtin12() -> None:
+    _, f = doc("product_aggregate_offer.html", "product_descriptions")
+    assert f["price"] == "9.50-24.00 EUR" and f["gtin"] == "012345678905" and f["brand"] == "Olivar"
 
 
 def test_additive_from_text_lines() -> None:
@@ -120,3 +176,51 @@ def test_navigation_page_still_rejected() -> None:
            "body": (page + "</ul></main></body></html>").encode(), "content_type": "text/html"}
     d, rej = extract_page(row, 1)
     assert d is None and rej["reason"] == "navigation_page"
+
+
+# one line per phrase of scrapers.common._BOILERPLATE: each is dropped, so the fast pre-check
+# (_BOILERPLATE_HINT) lets every one of them through to the full pattern
+FURNITURE_LINES = [
+    "We use cookies to give you the best experience.", "This website uses cookies.", "Cookie settings",
+    "Accept all cookies", "Manage your privacy preferences", "By clicking OK you agree to our terms.",
+    "Privacy policy and cookie notice", "Sign up for our free newsletter!", "Subscribe to my emails",
+    "Join our newsletter", "Never miss a recipe", "Delivered straight to your inbox.", "Share on Pinterest",
+    "Share it with us on Instagram", "Rate this recipe", "Leave a review", "Tag me on Instagram",
+    "Pin it for later", "Save this recipe for later", "Click to share on Facebook", "Share via email",
+    "Leave a Reply", "Your email address will not be published.", "Required fields are marked *",
+    "Save my name, email, and website in this browser.", "Notify me of follow-up comments by email.",
+    "You must be logged in to post a comment.", "This site uses Akismet to reduce spam.",
+    "Log in to leave a comment", "If you enjoyed reading this, pass it on.",
+    "Durch die Nutzung eines Buttons wirst du zum jeweiligen Anbieter weitergeleitet.",
+    "Wir verwenden Cookies.", "Diese Webseite verwendet Cookies.", "Cookie-Einstellungen", "Datenschutzeinstellungen",
+    "Zum Newsletter anmelden", "Newsletter abonnieren", "Melde dich jetzt zu unserem Newsletter an",
+    "Um Kommentare zu schreiben, melden Sie sich an.", "Kommentar schreiben", "Sie sind aktuell nicht eingeloggt.",
+    "Klicken Sie auf den unteren Button, um den Inhalt zu laden.", "Inhalt von Instagram laden",
+    "Nous utilisons des cookies.", "Ce site utilise des cookies.", "Utilizamos cookies.",
+    "Este sitio web utiliza cookies.", "Utilizziamo i cookie.", "Używamy plików cookies.",
+    "Pour lire la suite, abonnez-vous.", "Abonnez-vous à notre newsletter", "Suscríbete a nuestro boletín",
+    "Síguenos en Instagram", "Folge uns auf Instagram", "Follow us on Facebook", "Share this recipe",
+]
+
+
+@pytest.mark.parametrize("line", FURNITURE_LINES)
+def test_every_furniture_phrase_is_dropped(line: str) -> None:
+    from scrapers.common import drop_boilerplate
+
+    assert drop_boilerplate(f"A real first paragraph stays.\n{line}\nAnd the last one too.") == \
+        "A real first paragraph stays.\nAnd the last one too."
+
+
+@pytest.mark.parametrize(("name", "category", "parse"), [
+    ("product_microdata.html", "product_compositions", "parse_composition"),
+    ("product_rdfa.html", "product_descriptions", "parse_description"),
+    ("additive_text.html", "chemical_additives", "parse")])
+def test_products_and_additives_read_the_one_lxml_tree(name: str, category: str, parse: str) -> None:
+    """No second (BeautifulSoup) parse of the page for these categories."""
+    import importlib
+
+    from scrapers.common import make_page
+
+    module = importlib.import_module("scrapers.additives" if category == "chemical_additives" else "scrapers.products")
+    page = make_page(f"http://example.org/{name}", (PAGES / name).read_text(encoding="utf-8"))
+    assert getattr(module, parse)(page).text and page._soup is None
