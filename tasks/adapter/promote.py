@@ -370,6 +370,10 @@ def run_promote(cfg: PipelineConfig, run_dir: Path, logger: logging.Logger | Non
                     logger.info("promote: measuring current adapter %s on %s's held-out rows", cur["run_id"], run_dir.name)
                     current_losses = measure_adapter(Path(cur["run_dir"]), cand_tok, ec.max_rows_per_category,
                                                      ec.batch_size)
+                # a category the current adapter was held out on that the candidate's rows lack stays on the
+                # current side (its recorded loss), so the comparison sees it one-sided and blocks
+                for c, v in cur.get("heldout_loss", {}).items():
+                    current_losses.setdefault(c, float(v))
             else:
                 same_rows = False
                 current_losses = {k: float(v) for k, v in cur.get("heldout_loss", {}).items()}
