@@ -419,6 +419,7 @@ def run_promote(cfg: PipelineConfig, run_dir: Path, logger: logging.Logger | Non
     if decision.promote:
         mark_current(root, run_dir, report, decision.reasons, lineage(cfg, run_dir))
     write_json_atomic(run_dir / "promotion.json", out)
+    root.mkdir(parents=True, exist_ok=True)
     with open(root / HISTORY, "a", encoding="utf-8") as f:
         f.write(json.dumps({k: out[k] for k in ("run_id", "promoted", "reasons", "decided_at")}) + "\n")
     (logger.info if decision.promote else logger.warning)("promote: %s", " ".join(decision.reasons))
