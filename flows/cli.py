@@ -4,6 +4,9 @@
                                            the whole DAG as a Prefect flow run (ephemeral API, no server)
     d2a stage NAME --config FILE [--force] [section.key=value ...]
                                            one stage on the previous stage's artifacts, no Prefect at all
+    d2a plan  [--config configs/demo.yaml] [--json] [section.key=value ...]
+                                           what the run will cost: sources, tokens per category, steps,
+                                           device-hours, checkpoints, disk (saved as <data root>/plan.json, .md)
     d2a generate --run DIR --prompt TEXT   answer with a trained adapter
     d2a server [--port 4200] [--config configs/demo.yaml ...]
                                            a real Prefect server + UI on 127.0.0.1 serving the deployments
@@ -72,6 +75,10 @@ def main(argv: list[str] | None = None) -> int:
     s.add_argument("--force", action="store_true", help="re-run the stage even if it is up to date")
     s.add_argument("--verify", action="store_true", help="check every output's sha256 before it is skipped or read")
     s.add_argument("overrides", nargs="*", help="section.key=value")
+    pl = sub.add_parser("plan", help="what the run will cost, before it runs (also after a scrape: real counts)")
+    pl.add_argument("--config", default="configs/demo.yaml")
+    pl.add_argument("--json", action="store_true", help="print the plan as JSON instead of Markdown")
+    pl.add_argument("overrides", nargs="*", help="section.key=value")
     v = sub.add_parser("server", help="a Prefect server + UI on 127.0.0.1 serving the deployments (Ctrl-C stops)")
     v.add_argument("--host", default=os.environ.get("D2A_SERVER_HOST", "127.0.0.1"),
                    help="address to listen on (default 127.0.0.1: this machine only)")
@@ -106,6 +113,15 @@ def main(argv: list[str] | None = None) -> int:
 
     set_verify(a.verify)  # through the environment: also reaches worker processes
     try:
+        if a.cmd == "plan":
+            from tasks.core.config import load_config
+            from tasks.core.plan import PLAN_JSON, PLAN_MD, plan_markdown, run_plan
+
+            cfg = load_config(a.config, a.overrides)
+            p = run_plan(cfg)
+            print(json.dumps(p, indent=2, default=str) if a.json else plan_markdown(p))
+            print(f"saved: {cfg.root / PLAN_JSON}, {cfg.root / PLAN_MD}", file=sys.stderr)
+            return 0
         if a.cmd == "stage":
             logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s", force=True)
             m = _run_stage(a.name, a.config, a.overrides, a.force)

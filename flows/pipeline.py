@@ -23,6 +23,7 @@ from typing import Annotated, Any, Literal
 
 from prefect import flow, get_run_logger
 from prefect.cache_policies import NO_CACHE
+from prefect.input import RunInput
 from pydantic import Field
 
 from flows import artifacts
@@ -194,9 +195,58 @@ def evaluate_step(cfg: PipelineConfig, d: dict[str, Any]) -> dict[str, Any]:
     return report
 
 
+def plan_step(cfg: PipelineConfig, logger: logging.Logger) -> dict[str, Any]:
+    """`d2a plan` inside the flow: saved under the data root, published, and its warnings raised in
+    the log before anything is trained (first before the scrape, then with the scrape's real counts)."""
+    from tasks.core.plan import plan_markdown, run_plan
+
+    p = run_plan(cfg)
+    t = p["training"]
+    artifacts.publish_markdown(cfg, "plan", plan_markdown(p),
+                               f"plan ({p['phase']}): {t.get('steps', '?')} steps, {t.get('tokens', '?')} tokens, "
+                               f"{t.get('device_hours', '?')} device-hours, {len(p['warnings'])} warning(s)")
+    logger.info("plan (%s): %s steps, %s training tokens, %s device-hours", p["phase"], t.get("steps", "?"),
+                t.get("tokens", "?"), t.get("device_hours", "?"))
+    for w in p["warnings"]:
+        logger.warning("plan: %s", w)
+    return p
+
+
+class PromotionApproval(RunInput):
+    """What a reviewer answers when the flow pauses before a promotion (Prefect UI: Resume)."""
+
+    approve: bool = Field(default=False, description="Make this adapter the current one.")
+    reviewer: str = Field(default="", description="Who decided.")
+    comment: str = Field(default="", description="Why.")
+
+
+def approval_step(cfg: PipelineConfig, logger: logging.Logger):
+    """The gate's last word, as a callback for run_promote: pause the flow run with the comparison table
+    as the form's description and wait; approve promotes, reject or no answer in time keeps the current."""
+    from prefect.exceptions import FlowPauseTimeout
+    from prefect.flow_runs import pause_flow_run
+
+    def approve(decision: dict[str, Any]) -> tuple[bool, str]:
+        timeout = cfg.schedule.approval_timeout_s
+        table = "\n".join(artifacts.promotion_markdown(decision).splitlines()[1:])  # without the verdict line
+        form = PromotionApproval.with_initial_data(
+            description=f"## Approve `{decision['run_id']}` as the current adapter?\n\nEvery automatic check "
+                        f"passed. No answer within {timeout} s rejects.\n{table}")
+        logger.info("promote: waiting up to %d s for approval of %s", timeout, decision["run_id"])
+        try:
+            answer = pause_flow_run(wait_for_input=form, timeout=timeout, key=f"approve-{decision['run_id']}")
+        except FlowPauseTimeout:
+            return False, f"rejected: no approval within {timeout} s (schedule.approval_timeout_s)"
+        who = answer.reviewer or "a reviewer"
+        why = f" ({answer.comment})" if answer.comment else ""
+        return answer.approve, f"{'approved' if answer.approve else 'rejected'} by {who}{why}"
+
+    return approve
+
+
 def promote_step(cfg: PipelineConfig, run_dir: Path, logger: logging.Logger) -> dict[str, Any]:
     record_corpus(run_dir, cfg.root)  # the pages this adapter was made from: the next re-scrape's baseline
-    p = run_promote(cfg, Path(run_dir), logger)
+    p = run_promote(cfg, Path(run_dir), logger, approval_step(cfg, logger) if cfg.schedule.approval else None)
     artifacts.publish_promotion(cfg, p)
     return p
 
@@ -225,8 +275,10 @@ def data_to_adapter(config: ConfigPath = "configs/demo.yaml", overrides: Overrid
     before = existing_outputs(cfg)
     d = cfg.model_dump(mode="json")
     status: dict[str, dict[str, Any]] = {}
+    plan_step(cfg, logger)  # what the run will cost, before it costs anything
     scraped = scrape_step(cfg, d)
     status["scrape"] = status_of(before, scraped)
+    plan = plan_step(cfg, logger)  # again with the real page counts; its warnings come before training
     extracted = nocache(extract)(d)
     status["extract"] = status_of(before, extracted)
     prepared = prepare(config=config, overrides=overrides)
@@ -256,6 +308,7 @@ def data_to_adapter(config: ConfigPath = "configs/demo.yaml", overrides: Overrid
         "sample": report["samples"][0],
         "stages": {k: v["status"] for k, v in status.items()},
         "promoted": None if promotion is None else promotion["promoted"],
+        "plan": {k: plan["training"].get(k) for k in ("steps", "tokens", "device_hours")} | {"warnings": plan["warnings"]},
         "wall_s": round(time.time() - t0, 1),
     }
     logger.info("done in %.0fs; adapter: %s", summary["wall_s"], summary["adapter"])

@@ -49,7 +49,10 @@ def run_evaluate(cfg: PipelineConfig, logger: logging.Logger | None = None) -> d
         raise ValueError(f"no held-out shards under {inputs['tokenized_dir']}/eval: nothing to evaluate")
     # the base first, untouched (an adapter with bias="all" would alter biases even when disabled),
     # then the same quantized weights with the adapter attached
-    model, tok = load_run_base(run_dir, cfg.model.quantization)
+    from tasks.core.model import base_revision
+
+    # the config's base must be the one the adapter was trained on (a changed GGUF / source.json is refused)
+    model, tok = load_run_base(run_dir, cfg.model.quantization, revision=base_revision(cfg.model))
     device = next(model.parameters()).device
     base = eval_losses(model, eval_sets, ec.max_rows_per_category, ec.batch_size, device)
     base_answer = chat(model, tok, ec.prompt, cfg.generate, ec.max_new_tokens)
@@ -66,6 +69,7 @@ def run_evaluate(cfg: PipelineConfig, logger: logging.Logger | None = None) -> d
         "fingerprint": fp,
         "run_dir": str(run_dir),
         "base_model": cfg.model.name,
+        "base_revision": base_revision(cfg.model),
         "categories": table,
         "categories_without_heldout": missing,
         "overall": {"base": base["overall"], "adapter": adapted["overall"]},

@@ -429,6 +429,7 @@ def model_card(run_dir: Path, rec: dict[str, Any], snap: dict[str, Any], check: 
         "",
         "## Base",
         f"- model: `{base}` (loaded from `{q['base_path']}`)",
+        f"- revision: `{q.get('base_revision') or 'not recorded'}` (the exact base weights the adapter was trained on)",
         f"- trained on the base quantized as: `{json.dumps(q['quantization'])}`",
         "",
         "## Data snapshot",

@@ -67,10 +67,11 @@ def check_base_present(base_path: str, rec_file: Path) -> None:
 
 
 def load_run_base(run_dir: Path, quantization: QuantizationConfig | None = None,
-                  allow_quantization_mismatch: bool = False, device_map: Any = _AUTO):
+                  allow_quantization_mismatch: bool = False, device_map: Any = _AUTO, revision: str | None = None):
     """(base model, tokenizer) loaded exactly as the run trained it. ``quantization`` is what the
-    caller asks for; it must equal what training recorded in ``adapter/quantization.json``."""
-    from tasks.core.model import check_quantization, load_base, load_tokenizer
+    caller asks for; it must equal what training recorded in ``adapter/quantization.json``. The base
+    on disk must be the revision the adapter was trained on, and ``revision`` (the caller's, if any) too."""
+    from tasks.core.model import check_base_revision, check_quantization, load_base, load_tokenizer, revision_on_disk
 
     adapter = Path(run_dir) / "adapter"
     record = read_quantization_record(run_dir)
@@ -80,6 +81,9 @@ def load_run_base(run_dir: Path, quantization: QuantizationConfig | None = None,
     else:
         quantization = QuantizationConfig(**record["quantization"])
     check_base_present(record["base_path"], adapter / "quantization.json")
+    what = f"the adapter of run {Path(run_dir).name}"
+    check_base_revision(record.get("base_revision"), revision_on_disk(record["base_path"], model_cfg), what)
+    check_base_revision(record.get("base_revision"), revision, what)
     model_cfg = model_cfg.model_copy(update={"quantization": quantization})
     tok = load_tokenizer(str(adapter), model_cfg)
     base = load_base(record["base_path"], model_cfg, device_map=pick_device_map() if device_map == _AUTO else device_map)
@@ -129,9 +133,10 @@ def attach_adapter(base, run_dir: Path):
 
 
 def load_for_inference(run_dir: Path, quantization: QuantizationConfig | None = None,
-                       allow_quantization_mismatch: bool = False, device_map: Any = _AUTO):
+                       allow_quantization_mismatch: bool = False, device_map: Any = _AUTO,
+                       revision: str | None = None):
     """(model with adapter, tokenizer)."""
-    base, tok = load_run_base(run_dir, quantization, allow_quantization_mismatch, device_map)
+    base, tok = load_run_base(run_dir, quantization, allow_quantization_mismatch, device_map, revision)
     return attach_adapter(base, run_dir), tok
 
 
@@ -189,11 +194,13 @@ def chat(model, tok, prompt: str, gen: GenerateConfig, max_new_tokens: int | Non
 
 
 def run_generate(run_dir: Path, prompt: str, gen: GenerateConfig | None = None,
-                 allow_quantization_mismatch: bool = False, quantization: QuantizationConfig | None = None) -> str:
+                 allow_quantization_mismatch: bool = False, quantization: QuantizationConfig | None = None,
+                 revision: str | None = None) -> str:
     if not prompt.strip():  # before minutes of model loading
         raise ValueError("empty prompt: there is nothing to answer")
     cfg = load_config(Path(run_dir) / "config.yaml")
-    model, tok = load_for_inference(run_dir, quantization or cfg.model.quantization, allow_quantization_mismatch)
+    model, tok = load_for_inference(run_dir, quantization or cfg.model.quantization, allow_quantization_mismatch,
+                                    revision=revision)
     return chat(model, tok, prompt, gen or cfg.generate)
 
 
@@ -371,7 +378,7 @@ def run_batch(model, tok, prompts_path: Path, out_path: Path, gen: GenerateConfi
 # ------------------------------------------------------------------------------- compare
 def compare_answers(run_dir: Path, prompts: list[str], gen: GenerateConfig,
                     quantization: QuantizationConfig | None = None,
-                    allow_quantization_mismatch: bool = False) -> dict[str, Any]:
+                    allow_quantization_mismatch: bool = False, revision: str | None = None) -> dict[str, Any]:
     """The same prompts answered by the base and by base+adapter. The base answers come first,
     from the untouched base: a bias="all" adapter changes base biases even when disabled."""
     prompts = [p for p in prompts]
@@ -382,7 +389,7 @@ def compare_answers(run_dir: Path, prompts: list[str], gen: GenerateConfig,
         raise ValueError("no prompts to compare")
     record = read_quantization_record(run_dir)
     t0 = time.time()
-    model, tok = load_run_base(run_dir, quantization, allow_quantization_mismatch)
+    model, tok = load_run_base(run_dir, quantization, allow_quantization_mismatch, revision=revision)
     base = [chat(model, tok, p, gen) for p in prompts]
     model = attach_adapter(model, run_dir)
     adapted = [chat(model, tok, p, gen) for p in prompts]
@@ -425,10 +432,10 @@ def compare_markdown(result: dict[str, Any]) -> str:
 
 def run_compare(run_dir: Path, prompts: list[str], out_md: Path, gen: GenerateConfig | None = None,
                 quantization: QuantizationConfig | None = None,
-                allow_quantization_mismatch: bool = False) -> tuple[str, dict[str, Any]]:
+                allow_quantization_mismatch: bool = False, revision: str | None = None) -> tuple[str, dict[str, Any]]:
     """Write ``out_md`` (Markdown) and the same data as ``<out_md minus .md>.json``."""
     gen = gen or load_config(Path(run_dir) / "config.yaml").generate
-    result = compare_answers(Path(run_dir), prompts, gen, quantization, allow_quantization_mismatch)
+    result = compare_answers(Path(run_dir), prompts, gen, quantization, allow_quantization_mismatch, revision)
     md = compare_markdown(result)
     out_md = Path(out_md)
     out_md.parent.mkdir(parents=True, exist_ok=True)
@@ -483,6 +490,8 @@ def _parser() -> argparse.ArgumentParser:
                         help="load the base with this quantization setting instead of the recorded one "
                              "(refused unless --allow-quantization-mismatch), e.g. --quant compute_dtype=float32")
     common.add_argument("--allow-quantization-mismatch", action="store_true")
+    common.add_argument("--revision", help="refuse unless the run's base is this revision (model.revision: a hub "
+                                           "commit, or sha256:<hex> of the demo's GGUF file)")
     ap = argparse.ArgumentParser(prog="python -m tasks.adapter.generate",
                                  description="Use a trained adapter: ask, chat, batch, compare.")
     sub = ap.add_subparsers(dest="cmd", required=True)
@@ -544,7 +553,7 @@ def _main(a) -> None:
             prompts += [i.prompt for i in items]
         prompts = prompts or [cfg.evaluate.prompt]
         out = a.out or a.run / "compare.md"
-        md, _ = run_compare(a.run, prompts, out, gen, quant, a.allow_quantization_mismatch)
+        md, _ = run_compare(a.run, prompts, out, gen, quant, a.allow_quantization_mismatch, a.revision)
         print(md)
         print(f"report: {out} (+ {out.with_suffix('.json')})", file=sys.stderr)
         return
@@ -552,7 +561,7 @@ def _main(a) -> None:
         raise ValueError("empty prompt: there is nothing to answer")
     if a.cmd == "batch":
         read_prompts(a.prompts)  # a missing file fails before the model loads
-    model, tok = load_for_inference(a.run, quant, a.allow_quantization_mismatch, device_map)
+    model, tok = load_for_inference(a.run, quant, a.allow_quantization_mismatch, device_map, a.revision)
     if a.cmd == "ask":
         if a.stream:
             reply(model, tok, [{"role": "user", "content": a.prompt}], gen, streamer=make_streamer(tok, sys.stdout))

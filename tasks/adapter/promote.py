@@ -14,11 +14,20 @@ Retrain gate: the fraction of pages that are new, changed or gone since the *cur
 corpus (not since the last scrape, so small changes add up across scheduled runs) must exceed
 ``schedule.change_threshold``.
 
-Promotion gate: the candidate's held-out loss may be at most ``schedule.promote_tolerance``
-(nats/token) above the current adapter's in every category. The held-out split grows with the
-corpus, so the current adapter is re-measured on the candidate's held-out rows (same rows, same
-count, same code); only when the two were made with different tokenizers are their own recorded
-numbers compared, and the decision says so.
+Promotion gate. It fails closed: anything it cannot check keeps the current adapter.
+- Base: the candidate must be trained on the config's base revision, and on the current adapter's
+  (an adapter only fits the weights it was trained on; a new base is promoted by hand).
+- Domain: the candidate's held-out loss may be at most ``schedule.promote_tolerance`` (nats/token)
+  above the current adapter's in every category, and a category held out by one side only blocks.
+  The held-out split grows with the corpus, so the current adapter is re-measured on the
+  candidate's held-out rows (same rows, same count, same code); only when the two were made with
+  different tokenizers are their own recorded numbers compared, and the decision says so.
+- General ability: base and candidate are scored by their loss on the reference answers of a small
+  general instruction set (``schedule.general_set``); the candidate may lose at most
+  ``schedule.general_tolerance`` there (an instruct model trained on raw text can lose its chat
+  ability while its food-text loss improves).
+- Approval (``schedule.approval``): when the checks pass, a person still decides; the flow pauses
+  with the comparison table (flows/pipeline.py) and no answer in time rejects.
 """
 
 from __future__ import annotations
@@ -26,6 +35,7 @@ from __future__ import annotations
 import json
 import logging
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -177,12 +187,14 @@ def decide(candidate: dict[str, float], current: dict[str, float] | None, tolera
         return PromotionDecision(True, ["no current adapter: the first one is promoted"],
                                  [{"category": c, "current": None, "candidate": v, "delta": None, "verdict": "new"}
                                   for c, v in sorted(candidate.items())], same_rows)
-    rows, worse, reasons = [], [], []
+    rows, worse, reasons, one_sided = [], [], [], []
     for cat in sorted(set(candidate) | set(current)):
         a, b = current.get(cat), candidate.get(cat)
         if a is None or b is None:
+            side = "the current adapter" if b is None else "the candidate"
             rows.append({"category": cat, "current": a, "candidate": b, "delta": None,
-                         "verdict": "not compared (held out by one side only)"})
+                         "verdict": f"blocks: held out by {side} only"})
+            one_sided.append(f"{cat} (held out by {side} only)")
             continue
         delta = b - a
         ok = delta <= tolerance
@@ -191,6 +203,9 @@ def decide(candidate: dict[str, float], current: dict[str, float] | None, tolera
         if not ok:
             worse.append(f"{cat}: {b:.4f} vs current {a:.4f} ({delta:+.4f} > tolerance {tolerance:+.4f})")
     compared = [r for r in rows if r["delta"] is not None]
+    if one_sided:  # fail closed: a category nobody can compare may be the one that got worse
+        return PromotionDecision(False, ["kept the current adapter: cannot compare " + ", ".join(one_sided)
+                                         + "; both must be measured on every category"], rows, same_rows)
     if not compared:
         return PromotionDecision(False, ["no category held out by both adapters: cannot compare, kept the current one"],
                                  rows, same_rows)
@@ -218,14 +233,99 @@ def measure_adapter(run_dir: Path, tokenized_dir: Path, max_rows: int, batch_siz
     return {c: r["loss"] for c, r in res["categories"].items()}
 
 
+# ------------------------------------------------------------------------------ general ability
+def read_general_set(path: Path) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+    """({line, prompt, answer} items, rejects): a line that is not a JSON object with non-empty string
+    ``prompt`` and ``answer`` is kept aside with its file:line and reason; the rest is used."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"schedule.general_set: {path} not found (set it to null to skip the general check)")
+    items, rejects = [], []
+    for n, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            obj = json.loads(line)
+        except json.JSONDecodeError as e:
+            rejects.append({"file": str(path), "line": n, "reason": f"not JSON: {e.msg}"})
+            continue
+        bad = [k for k in ("prompt", "answer") if not isinstance(obj, dict) or not isinstance(obj.get(k), str)
+               or not obj[k].strip()]
+        if bad:
+            rejects.append({"file": str(path), "line": n, "reason": f"missing or empty {', '.join(bad)}"})
+            continue
+        items.append({"line": n, "prompt": obj["prompt"], "answer": obj["answer"]})
+    for r in rejects:
+        log.warning("%s:%d: %s: skipped", r["file"], r["line"], r["reason"])
+    if not items:
+        raise ValueError(f"schedule.general_set: {path} holds no usable line ({len(rejects)} rejected)")
+    return items, rejects
+
+
+def general_loss(model, tok, items: list[dict[str, Any]]) -> dict[str, float]:
+    """Token-weighted loss of the reference answers, each after its prompt in the chat template: how
+    well the model still predicts plain good answers to general instructions."""
+    import torch
+
+    from tasks.adapter.generate import _input_device, encode_messages
+
+    device = _input_device(model)
+    loss_sum = tokens = 0.0
+    model.eval()
+    with torch.no_grad():
+        for it in items:
+            prompt = encode_messages(tok, [{"role": "user", "content": it["prompt"]}])["input_ids"][0].tolist()
+            answer = tok(it["answer"], add_special_tokens=False)["input_ids"] + [tok.eos_token_id]
+            ids = torch.tensor([prompt + answer], device=device)
+            labels = torch.tensor([[-100] * len(prompt) + answer], device=device)
+            loss = model(input_ids=ids, labels=labels, use_cache=False).loss.float().item()
+            loss_sum += loss * len(answer)  # HF shifts labels: exactly the answer tokens are predicted
+            tokens += len(answer)
+    return {"loss": loss_sum / tokens, "tokens": int(tokens), "items": len(items)}
+
+
+def measure_general(run_dir: Path, set_path: Path, logger: logging.Logger | None = None) -> dict[str, Any]:
+    """Base and candidate loss on the general set, on the same quantized base weights (the base first,
+    untouched); cached in ``runs/<id>/general.json`` by the set's and the adapter's hashes."""
+    from tasks.adapter.generate import attach_adapter, load_run_base
+    from tasks.core.manifest import sha256_file
+
+    logger = logger or log
+    run_dir, set_path = Path(run_dir), Path(set_path)
+    key = fingerprint({"set": sha256_file(set_path), "adapter": sha256_file(run_dir / "adapter" / "adapter_model.safetensors")})
+    prev = _read_json(run_dir / "general.json")
+    if prev and prev.get("key") == key:
+        return prev
+    items, rejects = read_general_set(set_path)
+    logger.info("promote: scoring base and candidate on %d general instructions (%s)", len(items), set_path)
+    model, tok = load_run_base(run_dir)
+    base = general_loss(model, tok, items)
+    model = attach_adapter(model, run_dir)
+    cand = general_loss(model, tok, items)
+    del model
+    out = {"key": key, "set": str(set_path), "base": base, "candidate": cand, "delta": cand["loss"] - base["loss"],
+           "rejected_lines": rejects}
+    write_json_atomic(run_dir / "general.json", out)
+    return out
+
+
+def _revision_of(run_dir: Path) -> str | None:
+    return (_read_json(Path(run_dir) / "adapter" / "quantization.json") or {}).get("base_revision")
+
+
 def _run_inputs(run_dir: Path) -> dict[str, Any]:
     return json.loads((Path(run_dir) / "inputs.json").read_text())
 
 
-def run_promote(cfg: PipelineConfig, run_dir: Path, logger: logging.Logger | None = None) -> dict[str, Any]:
+def run_promote(cfg: PipelineConfig, run_dir: Path, logger: logging.Logger | None = None,
+                approve: Callable[[dict[str, Any]], tuple[bool, str]] | None = None) -> dict[str, Any]:
     """The promotion gate for a trained and evaluated run: marks it current or says why not.
 
-    Returns (and writes to ``runs/<id>/promotion.json``) the decision with both adapters' losses."""
+    ``approve`` (the flow's human approval step) is asked only when every check passed; it gets the
+    decision so far and returns (approved, why). Returns (and writes to ``runs/<id>/promotion.json``)
+    the decision with both adapters' losses."""
+    from tasks.core.model import base_revision
+
     logger = logger or log
     root, run_dir = cfg.root, Path(run_dir)
     report = json.loads((run_dir / "eval.json").read_text())
@@ -235,7 +335,20 @@ def run_promote(cfg: PipelineConfig, run_dir: Path, logger: logging.Logger | Non
     same_rows = True
     current_losses: dict[str, float] | None = None
     key: str | None = None  # what decided the current adapter's re-measured losses (cache key)
-    if cur is not None and Path(cur["run_dir"]).resolve() == run_dir.resolve():
+    # the base first: an adapter only fits the weights it was trained on
+    cand_rev, cfg_rev = _revision_of(run_dir), base_revision(cfg.model)
+    cur_rev = _revision_of(Path(cur["run_dir"])) if cur else None
+    blocked = []
+    if cand_rev != cfg_rev:
+        blocked.append(f"base revision mismatch: the candidate was trained on base revision {cand_rev}, the config's "
+                       f"base is revision {cfg_rev}")
+    if cur is not None and cur_rev != cand_rev:
+        blocked.append(f"base revision mismatch: the current adapter {cur['run_id']} was made on base revision "
+                       f"{cur_rev}, the candidate on {cand_rev}: their losses do not compare; promote a new base by "
+                       f"hand (remove {root / CURRENT} after checking the candidate)")
+    if blocked:
+        decision = PromotionDecision(False, ["kept the current adapter: " + "; ".join(blocked)])
+    elif cur is not None and Path(cur["run_dir"]).resolve() == run_dir.resolve():
         # the same run again (re-run on unchanged inputs, or a forced re-evaluation): refresh, no contest
         decision = PromotionDecision(True, [f"{run_dir.name} is already the current adapter; record refreshed"],
                                      [{"category": c, "current": v, "candidate": v, "delta": 0.0, "verdict": "ok"}
@@ -257,10 +370,30 @@ def run_promote(cfg: PipelineConfig, run_dir: Path, logger: logging.Logger | Non
                     logger.info("promote: measuring current adapter %s on %s's held-out rows", cur["run_id"], run_dir.name)
                     current_losses = measure_adapter(Path(cur["run_dir"]), cand_tok, ec.max_rows_per_category,
                                                      ec.batch_size)
+                # a category the current adapter was held out on that the candidate's rows lack stays on the
+                # current side (its recorded loss), so the comparison sees it one-sided and blocks
+                for c, v in cur.get("heldout_loss", {}).items():
+                    current_losses.setdefault(c, float(v))
             else:
                 same_rows = False
                 current_losses = {k: float(v) for k, v in cur.get("heldout_loss", {}).items()}
         decision = decide(candidate, current_losses, tol, same_rows)
+    general = None
+    sc = cfg.schedule
+    if sc.general_set and not blocked:  # general ability, base vs candidate (also for the first adapter)
+        from scrapers.schema import resolve_path
+
+        general = measure_general(run_dir, resolve_path(sc.general_set), logger)
+        g_ok = general["delta"] <= sc.general_tolerance
+        decision.rows.append({"category": "general set (vs base)", "current": general["base"]["loss"],
+                              "candidate": general["candidate"]["loss"], "delta": general["delta"],
+                              "verdict": "ok" if g_ok else "worse"})
+        if not g_ok:
+            decision.promote = False
+            decision.reasons.append(
+                f"kept the current adapter: on the general instruction set the candidate's loss is "
+                f"{general['candidate']['loss']:.4f} vs the base's {general['base']['loss']:.4f} "
+                f"({general['delta']:+.4f} > tolerance {sc.general_tolerance:+.4f}): it lost general ability")
     out = {
         "run_id": run_dir.name,
         "promoted": decision.promote,
@@ -268,15 +401,25 @@ def run_promote(cfg: PipelineConfig, run_dir: Path, logger: logging.Logger | Non
         "rows": decision.rows,
         "same_rows": decision.same_rows,
         "tolerance": tol,
+        "base_revision": {"candidate": cand_rev, "config": cfg_rev, "current": cur_rev},
+        "general": general and {k: general[k] for k in ("set", "base", "candidate", "delta")},
+        "general_tolerance": sc.general_tolerance,
         "current_before": cur and {k: cur[k] for k in ("run_id", "run_dir", "promoted_at")},
         "current_losses": current_losses,
         "candidate_losses": candidate,
         "current_measure_key": key,
+        "approval": None,
         "decided_at": _now(),
     }
+    if decision.promote and approve is not None:  # every check passed: a person has the last word
+        ok, why = approve(out)
+        out["approval"] = {"approved": ok, "detail": why}
+        decision.promote = out["promoted"] = ok
+        out["reasons"] = decision.reasons = [*decision.reasons, why]
     if decision.promote:
         mark_current(root, run_dir, report, decision.reasons, lineage(cfg, run_dir))
     write_json_atomic(run_dir / "promotion.json", out)
+    root.mkdir(parents=True, exist_ok=True)
     with open(root / HISTORY, "a", encoding="utf-8") as f:
         f.write(json.dumps({k: out[k] for k in ("run_id", "promoted", "reasons", "decided_at")}) + "\n")
     (logger.info if decision.promote else logger.warning)("promote: %s", " ".join(decision.reasons))
@@ -306,6 +449,7 @@ def lineage(cfg: PipelineConfig, run_dir: Path) -> dict[str, Any]:
         "adapter": str(run_dir / "adapter"),
         "train_fingerprint": train_m.get("fingerprint"),
         "base_model": cfg.model.name,
+        "base_revision": (inputs.get("quantization") or {}).get("base_revision"),
         "base_path": inputs.get("base"),
         "quantization": (inputs.get("quantization") or {}).get("quantization"),
         "tokenized": train_m.get("inputs", {}).get("tokenized"),

@@ -148,7 +148,14 @@ class ModelConfig(Section):
         default=None, description="Python package that ships the weights as GGUF (offline demo)."
     )
     gguf_file: str | None = None
-    revision: str | None = None
+    revision: str | None = Field(
+        default=None,
+        description="The base's exact version, part of the run's identity and recorded with every adapter. A hub "
+        "model: the repository's commit hash (passed to from_pretrained). A GGUF package (gguf_package): "
+        "'sha256:<hex>' of the GGUF file, checked when the file is read. A local directory: free text naming it.")
+    allow_unpinned: bool = Field(
+        default=False, description="Allow a hub model without a revision (whatever the repository holds on the day); "
+        "otherwise it is refused before anything is loaded.")
     trust_remote_code: bool = False
     tokenizer: str | None = Field(
         default=None,
@@ -345,6 +352,40 @@ class ScheduleConfig(Section):
                                      "category, both measured on the same rows; negative = must improve by that much.")
     continue_from_previous: bool = Field(default=False, description="Start LoRA from the current adapter's weights "
                                          "(needs train.init_adapter) instead of from scratch.")
+    general_set: str | None = Field(
+        default="configs/general_instructions.jsonl",
+        description="General instructions with reference answers ({\"prompt\", \"answer\"} per line): base and "
+        "candidate are scored by their loss on the answers, so an adapter that lost general ability is refused. "
+        "None = no general check.")
+    general_tolerance: float = Field(
+        default=0.05, description="Most the candidate's loss on the general set may exceed the base's (nats/token).")
+    approval: bool = Field(
+        default=False, description="Pause the flow after the gate and wait for a person to approve or reject the "
+        "candidate (the comparison table is the form's description); off = the gate decides alone.")
+    approval_timeout_s: int = Field(default=86_400, ge=1, description="No answer within this long rejects.")
+
+
+class PlanConfig(Section):
+    """What ``d2a plan`` estimates from before a scrape (after one it uses the real counts)."""
+
+    results: str = Field(
+        default="benchmarks/results.yaml",
+        description="Recorded measurements: training throughput per model, operating point and device; model "
+        "shapes; disk per corpus token and per trainable parameter.")
+    device: str | None = Field(default=None, description="Device of the measurement to plan with (e.g. H200, CPU); "
+                               "None = the first that matches the model and operating point.")
+    expected_pages: dict[str, int] = Field(
+        default_factory=dict, description="source id -> pages (rows) it is expected to yield before its first "
+        "scrape; a source not named is planned at its max_pages (an upper bound).")
+    tokens_per_page: dict[str, float] = Field(
+        default_factory=dict, description="category -> training tokens per scraped page; unset = measured on this "
+        "data root's last mix, else unknown.")
+    expected_tokens: dict[str, int] = Field(
+        default_factory=dict, description="category -> corpus tokens expected before any scrape (overrides the "
+        "page estimate for that category).")
+    bytes_per_token: dict[str, float] = Field(
+        default_factory=dict, description="stage directory -> bytes on disk per corpus token; unset = measured on "
+        "this data root, else the recorded demo figures in plan.results.")
 
 
 class PipelineConfig(Section):
@@ -366,6 +407,7 @@ class PipelineConfig(Section):
     generate: GenerateConfig = Field(default_factory=GenerateConfig)
     tracking: TrackingConfig = Field(default_factory=TrackingConfig)
     schedule: ScheduleConfig = Field(default_factory=ScheduleConfig)
+    plan: PlanConfig = Field(default_factory=PlanConfig)
 
     # -- paths ---------------------------------------------------------------------------
     @property

@@ -49,18 +49,102 @@ def gguf_path(cfg: ModelConfig) -> Path:
     return files[0]
 
 
+# --------------------------------------------------------------------------------- revision
+class BaseRevisionMismatch(ValueError):
+    """An adapter, checkpoint or run was made on another version of the base than the one at hand."""
+
+
+_GGUF_SHA: dict[tuple[str, int, int], str] = {}
+
+
+def gguf_sha256(path: Path) -> str:
+    """'sha256:<hex>' of a GGUF file: the demo base's revision (a package version can be re-published
+    with other weights; the bytes cannot). Cached per (path, size, mtime) within the process."""
+    st = path.stat()
+    key = (str(path), st.st_size, st.st_mtime_ns)
+    if key not in _GGUF_SHA:
+        from tasks.core.manifest import sha256_file
+
+        _GGUF_SHA[key] = "sha256:" + sha256_file(path)
+    return _GGUF_SHA[key]
+
+
+def is_hub_model(cfg: ModelConfig) -> bool:
+    return not cfg.gguf_package and not resolve_path(cfg.name).exists()
+
+
+def require_pinned(cfg: ModelConfig) -> None:
+    """Refuse an unpinned hub base before anything is loaded: the repository can change under its name.
+    (Checked at first use, not when the YAML is read, so `d2a plan` can still show an unpinned config.)"""
+    if is_hub_model(cfg) and not cfg.revision and not cfg.allow_unpinned:
+        raise BaseRevisionMismatch(
+            f"model.revision is not set for the hub model {cfg.name!r}: pin the repository's commit hash "
+            f"(model.revision=<40-hex commit>, see the model page's 'Files and versions' history), or accept "
+            f"whatever it holds today with model.allow_unpinned=true")
+
+
+def base_revision(cfg: ModelConfig) -> str:
+    """The revision a run on this config uses, as recorded with every adapter:
+    - a GGUF package: the file's sha256 (model.revision, when set, must equal it);
+    - a local directory: the ``revision`` its ``source.json`` records, if any (model.revision must agree),
+      else model.revision, else 'unpinned';
+    - a hub id: model.revision (from_pretrained loads exactly that commit), refused when unset unless
+      model.allow_unpinned ('unpinned')."""
+    if cfg.gguf_package:
+        actual, where = gguf_sha256(gguf_path(cfg)), f"the installed {cfg.gguf_package} ({gguf_path(cfg).name})"
+    elif resolve_path(cfg.name).is_dir():
+        actual, where = _read_json(resolve_path(cfg.name) / "source.json").get("revision"), str(resolve_path(cfg.name))
+    else:
+        require_pinned(cfg)
+        return cfg.revision or "unpinned"
+    if cfg.revision and actual and cfg.revision != actual:
+        raise BaseRevisionMismatch(
+            f"model.revision is {cfg.revision} but {where} is revision {actual}: the base changed under its name; "
+            f"pin the new one knowingly (model.revision={actual}) or restore the one you trained with")
+    return actual or cfg.revision or "unpinned"
+
+
+def revision_on_disk(base_path: str, cfg: ModelConfig) -> str:
+    """The revision of the base that loading ``base_path`` gives now (a converted GGUF records the file's
+    sha256 in its source.json; otherwise as ``base_revision``)."""
+    rec = _read_json(Path(base_path) / "source.json").get("revision") if Path(base_path).is_dir() else None
+    return rec or base_revision(cfg)
+
+
+def hub_revision(path_or_id: str, cfg: ModelConfig) -> str | None:
+    """The revision from_pretrained gets: the pinned commit for a hub id; nothing for a local directory
+    (a converted GGUF or a path), whose revision is checked by this module instead."""
+    return None if Path(path_or_id).exists() else cfg.revision
+
+
+def check_base_revision(recorded: str | None, current: str | None, what: str) -> None:
+    """Refuse to go on when ``what`` (a checkpoint, an adapter, a current adapter) was made on another
+    base revision than the one at hand. A record from before revisions were recorded (None) passes."""
+    if recorded is not None and current is not None and recorded != current:
+        raise BaseRevisionMismatch(
+            f"base revision mismatch: {what} was made on base revision {recorded}, but this base is revision "
+            f"{current}. An adapter only fits the exact weights it was trained on: pin model.revision={recorded} "
+            f"(and restore that base), or train a new adapter on {current}")
+
+
 def resolve_base(cfg: ModelConfig, models_dir: Path) -> str:
     """Return a path or hub id that ``from_pretrained`` can load without a network.
 
     A GGUF-packaged model is converted once to safetensors in ``models_dir``; the conversion is
-    published atomically, so a crash halfway never leaves a half-written model behind.
+    published atomically, so a crash halfway never leaves a half-written model behind. A conversion
+    made from another GGUF file (other sha256) is redone.
     """
     if not cfg.gguf_package:
+        require_pinned(cfg)
         local = resolve_path(cfg.name)
         return str(local) if local.exists() else cfg.name
     out = models_dir / _slug(cfg.name)
+    want = base_revision(cfg)
     if (out / "config.json").is_file() and (out / "model.safetensors").is_file():
-        return str(out)
+        made_from = _read_json(out / "source.json").get("revision")
+        if made_from in (None, want):  # None: converted before revisions were recorded (same code path)
+            return str(out)
+        log.info("%s was converted from %s, the package now ships %s: converting again", out, made_from, want)
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -78,7 +162,8 @@ def resolve_base(cfg: ModelConfig, models_dir: Path) -> str:
     shutil.rmtree(tmp, ignore_errors=True)
     model.save_pretrained(tmp, safe_serialization=True)
     tok.save_pretrained(tmp)
-    write_json_atomic(tmp / "source.json", {"name": cfg.name, "gguf_package": cfg.gguf_package, "gguf_file": src.name})
+    write_json_atomic(tmp / "source.json", {"name": cfg.name, "gguf_package": cfg.gguf_package, "gguf_file": src.name,
+                                            "revision": want})
     shutil.rmtree(out, ignore_errors=True)
     os.replace(tmp, out)
     return str(out)
@@ -111,7 +196,8 @@ def load_tokenizer(path_or_id: str, cfg: ModelConfig):
     else:
         from transformers import AutoTokenizer
 
-        tok = AutoTokenizer.from_pretrained(path_or_id, revision=cfg.revision, trust_remote_code=cfg.trust_remote_code)
+        tok = AutoTokenizer.from_pretrained(path_or_id, revision=hub_revision(path_or_id, cfg),
+                                            trust_remote_code=cfg.trust_remote_code)
     if tok.pad_token_id is None:
         tok.pad_token = tok.eos_token
     return tok
@@ -145,9 +231,18 @@ def bnb_config(q: QuantizationConfig):
 
 
 def quantization_record(cfg: ModelConfig, base: str) -> dict[str, Any]:
-    """What inference must reproduce: written into every run and adapter directory."""
+    """What inference must reproduce: written into every run and adapter directory (with the base's
+    revision, which resume, evaluate, generate and promotion check)."""
     q = cfg.quantization.model_dump(mode="json")
-    return {"base_model": cfg.name, "base_path": base, "quantization": q, "fingerprint": fingerprint(q)}
+    return {"base_model": cfg.name, "base_revision": base_revision(cfg), "base_path": base, "quantization": q,
+            "fingerprint": fingerprint(q)}
+
+
+def _read_json(p: Path) -> dict[str, Any]:
+    try:
+        return json.loads(Path(p).read_text(encoding="utf-8"))
+    except (OSError, json.JSONDecodeError):
+        return {}
 
 
 def check_quantization(recorded: dict[str, Any], requested: QuantizationConfig, allow_mismatch: bool = False) -> None:
@@ -175,7 +270,7 @@ def load_base(base: str, cfg: ModelConfig, device_map: Any = None, attn_implemen
     q = cfg.quantization
     kwargs: dict[str, Any] = dict(
         dtype=getattr(torch, q.compute_dtype),
-        revision=cfg.revision,
+        revision=hub_revision(base, cfg),
         trust_remote_code=cfg.trust_remote_code,
     )
     if q.load_in_4bit:

@@ -144,14 +144,27 @@ def prepare_run(cfg: PipelineConfig, _stage: tuple[Stage, Path] | None = None
     dump_resolved(cfg, run_dir / f"config.yaml.{uniq}.tmp")
     os.replace(run_dir / f"config.yaml.{uniq}.tmp", run_dir / "config.yaml")
     base = resolve_base(cfg.model, cfg.root / "models")
+    record = quantization_record(cfg.model, base)
+    _check_resume_base(run_dir, record["base_revision"])
     (run_dir / f"inputs.json.{uniq}.tmp").write_text(json.dumps({
         "base": base, "tokenized_dir": str(tok_dir), "stage_fingerprint": stage.fingerprint,
         "stage_config": stage.config, "stage_inputs": stage.inputs,
-        "quantization": quantization_record(cfg.model, base),
+        "quantization": record,
     }, indent=2, default=str))
     os.replace(run_dir / f"inputs.json.{uniq}.tmp", run_dir / "inputs.json")
     (run_dir / PREEMPTED_MARK).unlink(missing_ok=True)
     return run_dir, launch_command(cfg, run_dir), None
+
+
+def _check_resume_base(run_dir: Path, revision: str) -> None:
+    """A run with checkpoints resumes only on the base revision it started on (tasks/core/model.py)."""
+    from tasks.core.model import check_base_revision
+    from tasks.train.checkpoint import latest_checkpoint
+
+    prev = run_dir / "inputs.json"
+    if prev.is_file() and (ck := latest_checkpoint(run_dir)) is not None:
+        recorded = json.loads(prev.read_text()).get("quantization", {}).get("base_revision")
+        check_base_revision(recorded, revision, f"checkpoint {ck.name} of run {run_dir.name}")
 
 
 def run_train(cfg: PipelineConfig, logger: logging.Logger | None = None) -> dict[str, Any]:
