@@ -103,15 +103,19 @@ def check_path_inside(cfg: PipelineConfig, name: str, value: str | None) -> None
 
 
 def deployment_parameters() -> dict[str, Any] | None:
-    """The parameters the current flow run's deployment was registered with; None outside a deployment run."""
+    """The parameters the current flow run's deployment was registered with (read from the API: the
+    runtime's ``deployment.parameters`` are the run's own); None outside a deployment run."""
     try:
+        from prefect.client.orchestration import get_client
         from prefect.runtime import deployment
 
-        if not deployment.id:
-            return None
-        return dict(deployment.parameters or {})
+        dep_id = deployment.id
     except Exception:  # noqa: BLE001 - not in a flow run
         return None
+    if not dep_id:
+        return None
+    with get_client(sync_client=True) as c:
+        return dict(c.read_deployment(dep_id).parameters or {})
 
 
 def check_run_parameters(config: str, overrides: list[str] | None) -> None:

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import secrets
 import shutil
 import subprocess
@@ -197,6 +198,68 @@ def fail_message(fr) -> str:
 
 
 # -------------------------------------------------------------------------------------- tests
+def test_overrides_allow_list_names_the_refused_key(tmp_path, tiny_model_dir):
+    from flows.guard import ParameterRefused, check_overrides
+
+    cfg = tiny_dag_config(tmp_path / "c.yaml", tmp_path / "root", tmp_path / "site", 1, tiny_model_dir)
+    check_overrides(str(cfg), ["train.max_steps=3", "train.lr=1e-4", "train.eval_every=2", f"data_root={tmp_path}/root/x"])
+    for item, key in [("model.name=evil/repo", "model.name"), ("model.trust_remote_code=true", "model.trust_remote_code"),
+                      ("model.tokenizer=x", "model.tokenizer"), ("model.revision=abc", "model.revision"),
+                      ("dask.address=tcp://1.2.3.4:8786", "dask.address"), ("train.launcher=torchrun", "train.launcher"),
+                      ("train.accelerate_config=/tmp/a.yaml", "train.accelerate_config"),
+                      ("train..launcher=torchrun", "train.launcher"), ("data_root=/tmp/elsewhere", "data_root"),
+                      ("scrape.sources=/tmp/s.yaml", "scrape.sources"), ("clean.min_chars=1", "clean.min_chars"),
+                      ("server.allowed_overrides=[model.name]", "server.allowed_overrides")]:
+        with pytest.raises(ParameterRefused, match=re.escape(f"override {key!r} refused")):
+            check_overrides(str(cfg), [item])
+    # even a config that lists a code-selecting key cannot open it to flow runs
+    d = yaml.safe_load(cfg.read_text())
+    d["server"] = {"allowed_overrides": ["model.name", "train.max_steps"]}
+    cfg.write_text(yaml.safe_dump(d))
+    with pytest.raises(ParameterRefused, match="config file on disk"):
+        check_overrides(str(cfg), ["model.name=x"])
+
+
+def test_data_root_lock_is_exclusive_and_names_the_holder(tmp_path, tiny_model_dir):
+    from flows.guard import DataRootBusy, data_root_lock
+    from tasks.core.config import load_config
+
+    cfg = load_config(tiny_dag_config(tmp_path / "c.yaml", tmp_path / "root", tmp_path / "site", 1, tiny_model_dir))
+    # another process holds it (flock is per open file, so a second open in this process would too)
+    holder = subprocess.Popen([sys.executable, "-c", f"""
+import sys; sys.path.insert(0, {str(REPO)!r})
+from flows.guard import data_root_lock; from tasks.core.config import load_config
+with data_root_lock(load_config({str(tmp_path / 'c.yaml')!r})):
+    print('held', flush=True); sys.stdin.read()
+"""], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, cwd=REPO)
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        with pytest.raises(DataRootBusy, match=f"pid {holder.pid}"):
+            with data_root_lock(cfg):
+                pass
+    finally:
+        holder.communicate("", timeout=30)
+    with data_root_lock(cfg) as me:  # released with its holder
+        assert me["pid"] == os.getpid()
+    assert not (cfg.root / ".d2a-run.json").exists()
+
+
+def test_metrics_follower_reads_only_new_complete_lines(tmp_path):
+    from flows.artifacts import MetricsFollower
+
+    m = tmp_path / "metrics.jsonl"
+    f = MetricsFollower(m)
+    assert f.poll() is None  # no file yet
+    m.write_text('{"step": 1, "loss": 2.0}\n{"step": 2, "lo')
+    assert f.poll() == 1 and f.offset == m.stat().st_size
+    with open(m, "a") as fh:
+        fh.write('ss": 1.9}\n{"step": 2, "eval_loss": 1.8}\n')
+    before = f.offset
+    assert f.poll() == 2 and f.offset > before  # the partial line completed; eval lines are not steps
+    m.write_text('{"step": 1, "loss": 2.1}\n')  # a forced restart replaced the file
+    assert f.poll() == 1
+
+
 def test_deploy_registers_pools_deployments_limits_and_automations(team):
     from prefect.client.orchestration import get_client
 
@@ -252,15 +315,33 @@ def test_server_refuses_a_public_bind_without_auth(tmp_path):
     assert not (tmp_path / "prefect.db").exists()  # nothing was started
 
 
-@pytest.mark.timeout(900)
+@pytest.mark.timeout(1200)
 def test_dag_on_the_pools_trains_on_the_gpu_worker_and_matches_a_local_run(team, tmp_path):
+    """One DAG run through the API; while it holds the data root a second run of the same deployment
+    waits for its slot and the rescrape skips. Then: where each stage ran, the artifacts, and the
+    adapter against a local run's."""
     import psutil
+    from prefect.client.orchestration import get_client
     from prefect.deployments import run_deployment
 
     fr = run_deployment("data-to-adapter/tiny", timeout=0)
+    holder = team.root / ".d2a-run.json"
+    wait_for(lambda: holder.is_file() and json.loads(holder.read_text()).get("flow_run_id") == str(fr.id),
+             timeout=300, what="the DAG run never took the data root")
+    second = run_deployment("data-to-adapter/tiny", timeout=0)
+    resc = wait_final(run_deployment("rescrape-and-retrain/tiny", timeout=0).id, timeout=300)
+    assert resc.state.is_completed(), fail_message(resc)
+    with get_client(sync_client=True) as c:
+        assert not c.read_flow_run(fr.id).state.is_final(), "the DAG ended before the rescrape came: no overlap"
+        assert c.read_flow_run(second.id).start_time is None  # waiting for the deployment's slot
+    (skip,) = artifacts_in([resc], "t-rescrape-decision")
+    assert "Re-scrape skipped" in skip.data and fr.name in skip.data
     fr = wait_final(fr.id, timeout=800)
     assert fr.state.is_completed(), (fail_message(fr), (team.logs / "cpu.log").read_text()[-3000:],
                                      (team.logs / "gpu.log").read_text()[-3000:])
+    second = wait_final(second.id, timeout=400)
+    assert second.state.is_completed(), fail_message(second)
+    assert second.start_time >= fr.end_time  # queued, never interleaved
     runs = tree_of(fr.id)
     flows_run = sorted({r.name for r in runs})
     assert len(runs) >= 4, flows_run  # the DAG, its prepare subflow, stage-train and stage-evaluate
@@ -318,29 +399,6 @@ def test_code_selecting_override_is_refused_and_the_failure_posts_to_the_webhook
     h = next(p for p in posted if p["flow_run_id"] == str(fr.id))
     assert h["state"] == "Failed" and h["deployment"] == "tiny" and h["kind"] == "flow-run-state"
     assert "model.trust_remote_code" in h["message"] and team.auth not in json.dumps(team.hooks)
-
-
-@pytest.mark.timeout(900)
-def test_second_run_waits_and_the_rescrape_skips_while_one_runs(team):
-    from prefect.client.orchestration import get_client
-    from prefect.deployments import run_deployment
-
-    a = run_deployment("data-to-adapter/tiny", timeout=0, parameters={"overrides": ["train.max_steps=12"]})
-    holder = team.root / ".d2a-run.json"
-    wait_for(lambda: holder.is_file() and json.loads(holder.read_text()).get("flow_run_id") == str(a.id),
-             timeout=300, what="the first run never took the data root")
-    b = run_deployment("data-to-adapter/tiny", timeout=0)
-    r = run_deployment("rescrape-and-retrain/tiny", timeout=0)
-    r = wait_final(r.id, timeout=300)
-    assert r.state.is_completed(), fail_message(r)
-    with get_client(sync_client=True) as c:
-        assert not c.read_flow_run(a.id).state.is_final(), "the first run ended before the rescrape came"
-        assert c.read_flow_run(b.id).start_time is None  # the second is waiting for the deployment's slot
-    (art,) = artifacts_in([r], "t-rescrape-decision")
-    assert "Re-scrape skipped" in art.data and str(a.name) in art.data
-    a, b = wait_final(a.id, timeout=600), wait_final(b.id, timeout=600)
-    assert a.state.is_completed() and b.state.is_completed(), (fail_message(a), fail_message(b))
-    assert b.start_time >= a.end_time  # queued, never interleaved
 
 
 @pytest.mark.timeout(600)
