@@ -184,9 +184,9 @@ def artifacts_in(runs, key: str) -> list:
             key=ArtifactFilterKey(any_=[key]), flow_run_id=ArtifactFilterFlowRunId(any_=[r.id for r in runs])))
 
 
-def placements(runs) -> dict[str, dict]:
+def placements(runs, run_name: str = "t") -> dict[str, dict]:
     out = {}
-    for a in artifacts_in(runs, "t-placement"):
+    for a in artifacts_in(runs, f"{run_name}-placement"):
         rows = json.loads(a.data) if isinstance(a.data, str) else a.data
         for r in rows:
             out[r["stage"]] = {**r, "ancestors": [int(x) for x in str(r["ancestors"]).split()]}
@@ -420,10 +420,11 @@ def test_two_node_training_as_two_flow_runs_on_the_gpu_pool_matches_one_process(
     fr = wait_final(fr.id, timeout=500)
     assert fr.state.is_completed(), (fail_message(fr), (team.logs / "gpu.log").read_text()[-4000:])
     runs = tree_of(fr.id)
-    where = placements(runs)
-    assert {"train", "train-node-1"} <= set(where)
+    where = placements(runs, "t2")
+    assert {"train", "train-node-1"} <= set(where), where
     assert where["train"]["pid"] != where["train-node-1"]["pid"]
-    assert all(team.gpu.pid in where[k]["ancestors"] for k in ("train", "train-node-1"))
+    assert all(where[k]["ancestors"][0] == team.gpu.pid for k in ("train", "train-node-1"))  # both flow runs: the GPU worker's
+    print("\ntwo-node placement:\n" + json.dumps({k: where[k] for k in ("train", "train-node-1")}, indent=1))
     m2 = json.loads((next((team.root / "runs").glob("t2-*")) / "manifest.json").read_text())
     assert m2["counts"]["world_size"] == 2
     one = load_config(team.config, ["run_name=t1", "train.micro_batch_size=4"])
