@@ -17,8 +17,9 @@ Every parameter is typed (pydantic, via the flow signatures): the UI shows a for
 refuses parameters that do not validate (``enforce_parameter_schema``). What the parameters may
 change beyond that is checked by flows/guard.py. Every deployment allows one run at a time
 (``concurrency_limit=1``; further runs wait in AwaitingConcurrencySlot), and a run holds its data
-root's lock (flows/guard.py) while it works. The code is "local storage": workers run the flows from
-the repository checkout at the same path (``flow.from_source(REPO_ROOT, entrypoint)``).
+root's lock (flows/guard.py) while it works. Entrypoints are module paths
+(``flows.pipeline.data_to_adapter``): a worker imports them from the project installed where it runs
+(the same checkout or image on every node), so nothing is built or pushed (``build=False, push=False``).
 
     d2a deploy --config configs/demo.yaml        # pools (if missing), deployments, automations
     d2a server                                   # a server + these deployments + one worker per pool

@@ -2,9 +2,9 @@
 
 A team runs one Prefect server (no GPU needed), a CPU pool whose workers run scrape, extract and the
 data stages, and a GPU pool whose workers run train, evaluate (+ promotion) and generate. Both are
-``process`` pools: a worker polls its pool and starts each flow run as a subprocess of itself, in the
-repository checkout it was started in (the deployments' code is "local storage": the same path on
-every node, e.g. a shared checkout or the same container image).
+``process`` pools: a worker polls its pool and starts each flow run as a subprocess of itself, which
+imports the flow by its module path from the project installed on that machine (the same checkout or
+container image on every node; the data root on storage they all mount at the same path).
 
     prefect work-pool create d2a-cpu --type process
     prefect work-pool create d2a-gpu --type process
