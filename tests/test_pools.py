@@ -399,6 +399,11 @@ def test_code_selecting_override_is_refused_and_the_failure_posts_to_the_webhook
     h = next(p for p in posted if p["flow_run_id"] == str(fr.id))
     assert h["state"] == "Failed" and h["deployment"] == "tiny" and h["kind"] == "flow-run-state"
     assert "model.trust_remote_code" in h["message"] and team.auth not in json.dumps(team.hooks)
+    # the DAG test's first adapter was promoted: announced through the promotions automation
+    cur = json.loads((team.root / "current.json").read_text())
+    promo = wait_for(lambda: [p for p in team.hooks if p.get("kind") == "promotion"], timeout=60,
+                     what="no promotion was announced")
+    assert cur["run_id"] in {p["run_id"] for p in promo} and all(p["config"] == "t" for p in promo)
 
 
 @pytest.mark.timeout(600)
