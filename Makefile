@@ -34,12 +34,15 @@ test: venv
 	$(VENV)/bin/ruff check .
 	$(PY) -m pytest -m "not gpu"
 
-# `make server`: a Prefect server + UI on 127.0.0.1:$(SERVER_PORT) serving the deployments of $(SERVER_CONFIG);
+# `make server`: a Prefect server + UI on 127.0.0.1:$(SERVER_PORT), the deployments of $(SERVER_CONFIG) on
+# their CPU and GPU work pools (`d2a deploy`) and one process worker per pool, all on this machine;
 # SQLite in $(PREFECT_HOME) unless PREFECT_SERVER_DATABASE_CONNECTION_URL points at PostgreSQL. Ctrl-C stops all.
+# Beyond loopback (SERVER_HOST=0.0.0.0) it needs PREFECT_SERVER_API_AUTH_STRING (README: Running it as a team).
 SERVER_PORT ?= 4200
+SERVER_HOST ?= 127.0.0.1
 SERVER_CONFIG ?= configs/demo.yaml
 server: venv
-	$(VENV)/bin/d2a server --port $(SERVER_PORT) $(foreach c,$(SERVER_CONFIG),--config $(c))
+	$(VENV)/bin/d2a server --host $(SERVER_HOST) --port $(SERVER_PORT) $(foreach c,$(SERVER_CONFIG),--config $(c))
 
 clean-data:
 	rm -rf data/demo data/prefect

@@ -175,6 +175,64 @@ def promotion_markdown(p: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+MAX_EMBED_BYTES = 4 << 20  # a dashboard PNG is ~100 KB; refuse to bloat the database with anything huge
+
+
+def dashboard_markdown(name: str, png: Path, run_dir: Path) -> str:
+    """The PNG inline as a data: URI, so the Prefect UI shows it wherever it is opened."""
+    import base64
+
+    data = png.read_bytes()
+    rel = png.relative_to(run_dir) if png.is_relative_to(run_dir) else png.name
+    if len(data) > MAX_EMBED_BYTES:
+        return f"## {name}\n\n`{rel}` in run `{run_dir.name}` is {len(data):,} bytes: too large to embed."
+    return (f"## {name} ({run_dir.name})\n\n![{name}](data:image/png;base64,{base64.b64encode(data).decode()})\n\n"
+            f"File: `{rel}` in the run directory.")
+
+
+def adapter_markdown(run_dir: Path, root: Path) -> str:
+    """Where the adapter is, relative to the data root (the same on every node), and what it holds."""
+    ad = run_dir / "adapter"
+    rel = ad.relative_to(root) if ad.is_relative_to(root) else ad
+    lines = [f"## Adapter `{run_dir.name}`", "", f"`<data root>/{rel}` (data root `{root.name}`)", "",
+             "| file | bytes |", "|---|---:|"]
+    lines += [f"| {f.name} | {f.stat().st_size:,} |" for f in sorted(ad.iterdir()) if f.is_file()] if ad.is_dir() else []
+    lines += ["", f"Use it: `d2a generate --run <data root>/runs/{run_dir.name} --prompt ...`"]
+    return "\n".join(lines)
+
+
+class MetricsFollower:
+    """Reads only the lines appended to metrics.jsonl since the last call (a multi-week run's file
+    grows to millions of lines; re-reading it every few seconds would not do). A partial last line
+    is kept until its newline arrives."""
+
+    def __init__(self, path: Path):
+        self.path, self.offset, self.tail, self.last_step = Path(path), 0, b"", None
+
+    def poll(self) -> int | None:
+        import json
+
+        try:
+            with open(self.path, "rb") as f:
+                if f.seek(0, 2) < self.offset:  # replaced (a forced restart): start over
+                    self.offset, self.tail = 0, b""
+                f.seek(self.offset)
+                chunk = f.read()
+                self.offset = f.tell()
+        except FileNotFoundError:
+            return self.last_step
+        lines = (self.tail + chunk).split(b"\n")
+        self.tail = lines.pop()
+        for line in lines:
+            try:
+                r = json.loads(line)
+            except ValueError:
+                continue
+            if isinstance(r, dict) and "loss" in r and "step" in r:
+                self.last_step = r["step"]
+        return self.last_step
+
+
 def stages_table(status: dict[str, dict[str, Any]]) -> list[dict[str, Any]]:
     return [{"stage": k, "status": v["status"], "fingerprint": (v.get("fingerprint") or "")[:16],
              "created at": v.get("created_at") or ""} for k, v in status.items()]
@@ -220,16 +278,17 @@ def publish_training(cfg: PipelineConfig, run_dir: Path, train_m: dict[str, Any]
 
 @_safe
 def publish_eval(cfg: PipelineConfig, report: dict[str, Any]) -> None:
-    from prefect.artifacts import create_link_artifact, create_markdown_artifact, create_table_artifact
+    from prefect.artifacts import create_markdown_artifact, create_table_artifact
 
     create_table_artifact(eval_table(report), key=artifact_key(cfg, "eval-base-vs-adapter"),
                           description=f"Held-out loss per category, base vs adapter ({Path(report['run_dir']).name})")
     run_dir = Path(report["run_dir"])
+    # embedded, not linked: a file:// path means nothing to a browser on another machine
     for name, path in report.get("dashboards", {}).items():
-        create_link_artifact(Path(path).resolve().as_uri(), link_text=f"{name}.png ({run_dir.name})",
-                             key=artifact_key(cfg, f"dashboard-{name}"), description=f"Dashboard: {name}")
-    create_link_artifact((run_dir / "adapter").resolve().as_uri(), link_text=f"adapter {run_dir.name}",
-                         key=artifact_key(cfg, "adapter"), description="PEFT adapter directory (safetensors)")
+        create_markdown_artifact(dashboard_markdown(name, Path(path), run_dir), key=artifact_key(cfg, f"dashboard-{name}"),
+                                 description=f"Dashboard: {name} ({run_dir.name})")
+    create_markdown_artifact(adapter_markdown(run_dir, cfg.root), key=artifact_key(cfg, "adapter"),
+                             description=f"PEFT adapter of {run_dir.name} (safetensors)")
     s = (report.get("samples") or [{}])[0]
     if s:
         create_markdown_artifact(f"**Prompt:** {s.get('prompt')}\n\n**Base:** {s.get('base')}\n\n**Adapter:** {s.get('adapter')}",
@@ -260,6 +319,13 @@ def publish_markdown(cfg: PipelineConfig, name: str, text: str, description: str
 
 
 @_safe
+def publish_table(cfg: PipelineConfig, name: str, rows: list[dict[str, Any]], description: str) -> None:
+    from prefect.artifacts import create_table_artifact
+
+    create_table_artifact(rows, key=artifact_key(cfg, name), description=description)
+
+
+@_safe
 def publish_stages(cfg: PipelineConfig, status: dict[str, dict[str, Any]]) -> None:
     from prefect.artifacts import create_table_artifact
 
@@ -281,11 +347,11 @@ def training_progress(cfg: PipelineConfig, run_dir: Path, total_steps: int | Non
         yield
         return
     stop = threading.Event()
-    metrics = Path(run_dir) / "metrics.jsonl"
+    follower = MetricsFollower(Path(run_dir) / "metrics.jsonl")
 
     def pct() -> float:
-        steps = [r["step"] for r in read_jsonl(metrics) if "loss" in r]
-        return min(100.0, 100.0 * steps[-1] / total_steps) if steps and total_steps else 0.0
+        step = follower.poll()
+        return min(100.0, 100.0 * step / total_steps) if step and total_steps else 0.0
 
     def follow() -> None:
         last = -1.0

@@ -8,8 +8,10 @@
                                            what the run will cost: sources, tokens per category, steps,
                                            device-hours, checkpoints, disk (saved as <data root>/plan.json, .md)
     d2a generate --run DIR --prompt TEXT   answer with a trained adapter
-    d2a server [--port 4200] [--config configs/demo.yaml ...]
-                                           a real Prefect server + UI on 127.0.0.1 serving the deployments
+    d2a deploy --config FILE [--config ...] [--no-schedule]
+                                           work pools, deployments and automations against $PREFECT_API_URL
+    d2a server [--host 127.0.0.1] [--port 4200] [--config configs/demo.yaml ...]
+                                           a Prefect server + UI, the deployments, one process worker per pool
 """
 
 from __future__ import annotations
@@ -79,14 +81,20 @@ def main(argv: list[str] | None = None) -> int:
     pl.add_argument("--config", default="configs/demo.yaml")
     pl.add_argument("--json", action="store_true", help="print the plan as JSON instead of Markdown")
     pl.add_argument("overrides", nargs="*", help="section.key=value")
-    v = sub.add_parser("server", help="a Prefect server + UI on 127.0.0.1 serving the deployments (Ctrl-C stops)")
+    dp = sub.add_parser("deploy", help="create the work pools, register the deployments and the notification "
+                                       "automations against $PREFECT_API_URL")
+    dp.add_argument("--config", action="append", required=True, help="pipeline config (repeatable)")
+    dp.add_argument("--no-schedule", action="store_true", help="register rescrape-and-retrain without its cron")
+    v = sub.add_parser("server", help="a Prefect server + UI, the deployments and a process worker per pool "
+                                      "(Ctrl-C stops)")
     v.add_argument("--host", default=os.environ.get("D2A_SERVER_HOST", "127.0.0.1"),
-                   help="address to listen on (default 127.0.0.1: this machine only)")
+                   help="address to listen on (default 127.0.0.1: this machine only; any other needs "
+                        "PREFECT_SERVER_API_AUTH_STRING)")
     v.add_argument("--port", type=int, default=int(os.environ.get("D2A_SERVER_PORT", "4200")),
                    help="API and UI port (default 4200, or $D2A_SERVER_PORT)")
     v.add_argument("--config", action="append", help="pipeline config whose deployments to serve (repeatable; "
                                                      "default configs/demo.yaml)")
-    v.add_argument("--limit", type=int, default=None, help="most flow runs at once")
+    v.add_argument("--limit", type=int, default=None, help="most flow runs at once per worker")
     v.add_argument("--no-schedule", action="store_true", help="register rescrape-and-retrain without its cron")
     g = sub.add_parser("generate", help="answer a prompt with a trained adapter")
     g.add_argument("rest", nargs=argparse.REMAINDER)
@@ -98,6 +106,21 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     # overrides (section.key=value) may come before or after options
     a, extra = ap.parse_known_args(raw)
+    if a.cmd == "deploy":
+        if extra:
+            ap.error(f"unrecognized arguments: {' '.join(extra)}")
+        from flows.deployments import deploy_config
+        from tasks.core.config import ConfigError
+
+        try:
+            for c in a.config:
+                out = deploy_config(c, not a.no_schedule)
+                print(f"{c}: pools created {out['pools_created'] or 'none (existing)'}; "
+                      f"{len(out['deployments'])} deployments; automations {out['automations'] or 'none'}")
+        except (ConfigError, ValueError) as e:
+            print(f"d2a deploy: {e}", file=sys.stderr)
+            return 2
+        return 0
     if a.cmd == "server":
         if extra:
             ap.error(f"unrecognized arguments: {' '.join(extra)}")

@@ -27,10 +27,12 @@ from prefect.input import RunInput
 from pydantic import Field
 
 from flows import artifacts
-from flows.prepare import prepare
+from flows.guard import check_run_parameters, data_root_lock
+from flows.pools import gpu_deployment_suffix, placement, publish_placement, run_stage_deployment
+from flows.prepare import prepare, stage_options
 from scrapers.testsite import demo_site_env
 from tasks.adapter.promote import lineage, record_corpus, run_promote
-from tasks.core.config import PipelineConfig, load_config
+from tasks.core.config import PipelineConfig, config_from_dict, load_config
 from tasks.evaluate import evaluate
 from tasks.extract import extract
 from tasks.scrape import scrape
@@ -156,7 +158,7 @@ def status_of(before: dict[str, str], m: dict[str, Any]) -> dict[str, Any]:
 # --------------------------------------------------------------------------------- the steps
 def scrape_step(cfg: PipelineConfig, d: dict[str, Any]) -> dict[str, Any]:
     with demo_site_env(cfg.demo_site):  # serves the bundled demo website on loopback when the config asks for it
-        m = nocache(scrape)(d)
+        m = nocache(scrape).with_options(**stage_options(cfg, "scrape"))(d)
     artifacts.publish_scrape(cfg, m)
     return m
 
@@ -180,15 +182,15 @@ def train_step(cfg: PipelineConfig, d: dict[str, Any], tok_m: dict[str, Any] | N
 
     run_dir = run_dir_for(cfg)
     with artifacts.training_progress(cfg, run_dir, expected_steps(cfg, tok_m or {})):
-        # a preempted (exit 75) or crashed worker fails the task; the task's retry policy (TRAIN_RETRY in
-        # tasks/train/stage.py) relaunches it and it resumes from its newest verified checkpoint
-        m = nocache(train)(d)
+        # a preempted (exit 75) or crashed worker fails the task; the retry relaunches it and it resumes
+        # from its newest verified checkpoint (timeouts.train). A cancelled flow run is not retried.
+        m = nocache(train).with_options(**stage_options(cfg, "train"))(d)
     artifacts.publish_training(cfg, Path(m["run_dir"]), m)
     return m
 
 
 def evaluate_step(cfg: PipelineConfig, d: dict[str, Any]) -> dict[str, Any]:
-    report = nocache(evaluate)(d)
+    report = nocache(evaluate).with_options(**stage_options(cfg, "evaluate"))(d)
     artifacts.publish_eval(cfg, report)
     run_dir = Path(report["run_dir"])
     artifacts.publish_lineage(cfg, lineage(cfg, run_dir))
@@ -245,10 +247,52 @@ def approval_step(cfg: PipelineConfig, logger: logging.Logger):
 
 
 def promote_step(cfg: PipelineConfig, run_dir: Path, logger: logging.Logger) -> dict[str, Any]:
+    from tasks.adapter.promote import read_current
+
     record_corpus(run_dir, cfg.root)  # the pages this adapter was made from: the next re-scrape's baseline
+    before = read_current(cfg.root)
     p = run_promote(cfg, Path(run_dir), logger, approval_step(cfg, logger) if cfg.schedule.approval else None)
     artifacts.publish_promotion(cfg, p)
+    if p["promoted"] and (before or {}).get("run_id") != p["run_id"]:  # newly current, not a refresh
+        from flows.notify import announce_promotion
+
+        announce_promotion(cfg, p)
     return p
+
+
+def extract_step(cfg: PipelineConfig, d: dict[str, Any]) -> dict[str, Any]:
+    return nocache(extract).with_options(**stage_options(cfg, "extract"))(d)
+
+
+def train_and_evaluate(cfg: PipelineConfig, config: str, overrides: list[str] | None, d: dict[str, Any],
+                       tok_m: dict[str, Any], promote: bool, where: list[dict[str, Any]],
+                       logger: logging.Logger) -> tuple[dict[str, Any], dict[str, Any], dict[str, Any] | None]:
+    """Train, evaluate and (optionally) promote: here, or on the GPU pool when this flow run came from a
+    work-pool deployment (pools.dispatch). Returns the train manifest, the eval report and the promotion.
+
+    On the pool, ``stage-train`` and ``stage-evaluate`` (which also promotes) are subflow runs of this
+    deployment's GPU-pool deployments; their results are read back from the run directory."""
+    suffix = gpu_deployment_suffix(cfg)
+    if suffix is None:
+        where.append(placement("train"))
+        trained = train_step(cfg, d, tok_m)
+        where.append(placement("evaluate"))
+        report = evaluate_step(cfg, d)
+        promotion = promote_step(cfg, Path(trained["run_dir"]), logger) if promote else None
+        return trained, report, promotion
+    from tasks.core.manifest import require_manifest
+    from tasks.train.stage import run_dir_for
+
+    params: dict[str, Any] = {"config": config, "overrides": overrides}
+    if d["train"].get("init_adapter"):  # rescrape's warm start: the GPU runs read it from current.json too
+        params["continue_from_current"] = True
+    run_stage_deployment("stage-train", suffix, params, logger)
+    run_dir = run_dir_for(config_from_dict(d))
+    trained = require_manifest(run_dir, "train")
+    run_stage_deployment("stage-evaluate", suffix, {**params, "promote": promote}, logger)
+    report = json.loads((run_dir / "eval.json").read_text(encoding="utf-8"))
+    promotion = json.loads((run_dir / "promotion.json").read_text(encoding="utf-8")) if promote else None
+    return trained, report, promotion
 
 
 # ---------------------------------------------------------------------------------- the flow
@@ -262,7 +306,8 @@ def data_to_adapter(config: ConfigPath = "configs/demo.yaml", overrides: Overrid
 
     Args:
         config: Pipeline YAML, relative to the repository root (configs/demo.yaml, configs/mistral-small-24b.yaml).
-        overrides: section.key=value overrides, e.g. train.max_steps=20 or data_root=data/exp1.
+        overrides: section.key=value overrides of the allowed settings (server.allowed_overrides), e.g.
+            train.max_steps=20.
         force: Stages to re-run even if their inputs and config are unchanged ('all'; 'prepare' = clean, split,
             mix, tokenize).
         promote: Mark the new adapter current unless it is worse than the current one in some category by more
@@ -270,30 +315,39 @@ def data_to_adapter(config: ConfigPath = "configs/demo.yaml", overrides: Overrid
     """
     logger = get_run_logger()
     t0 = time.time()
+    check_run_parameters(config, overrides)
     cfg = load_config(config, overrides or [])
+    with data_root_lock(cfg):
+        return _dag(cfg, config, overrides, force, promote, logger, t0)
+
+
+def _dag(cfg: PipelineConfig, config: str, overrides: list[str] | None, force: list[str] | None, promote: bool,
+         logger: logging.Logger, t0: float) -> dict[str, Any]:
     invalidate(cfg, expand_force(force), logger)
     before = existing_outputs(cfg)
     d = cfg.model_dump(mode="json")
     status: dict[str, dict[str, Any]] = {}
     plan_step(cfg, logger)  # what the run will cost, before it costs anything
+    where = [placement("scrape")]
     scraped = scrape_step(cfg, d)
     status["scrape"] = status_of(before, scraped)
     plan = plan_step(cfg, logger)  # again with the real page counts; its warnings come before training
-    extracted = nocache(extract)(d)
+    where.append(placement("extract"))
+    extracted = extract_step(cfg, d)
     status["extract"] = status_of(before, extracted)
+    where.append(placement("prepare"))
     prepared = prepare(config=config, overrides=overrides)
     cleaned, mixed, tok = prepared["clean"], prepared["mix"], prepared["tokenize"]
     for k in ("clean", "split", "mix", "tokenize"):
         status[k] = status_of(before, prepared[k])
     artifacts.publish_mixture(cfg, mixed)
-    trained = train_step(cfg, d, tok)
+    trained, report, promotion = train_and_evaluate(cfg, config, overrides, d, tok, promote, where, logger)
     status["train"] = status_of(before, trained)
-    report = evaluate_step(cfg, d)
     status["evaluate"] = status_of(before, report)
     artifacts.publish_stages(cfg, status)
+    publish_placement(cfg, where)
     for k, v in status.items():
         logger.info("stage %-9s %s", k, v["status"])
-    promotion = promote_step(cfg, Path(trained["run_dir"]), logger) if promote else None
     summary = {
         "data_root": str(cfg.root),
         "documents": {"pages": scraped["counts"]["pages"], "extracted": extracted["counts"]["kept"],

@@ -27,12 +27,13 @@ from prefect import flow, get_run_logger
 from pydantic import Field
 
 from flows import artifacts
-from flows.pipeline import ConfigPath, Overrides, evaluate_step, nocache, promote_step, scrape_step, train_step
+from flows.guard import DataRootBusy, check_run_parameters, data_root_lock
+from flows.pipeline import ConfigPath, Overrides, extract_step, scrape_step, train_and_evaluate
+from flows.pools import publish_placement
 from flows.prepare import prepare
 from tasks.adapter.promote import RetrainDecision, corpus_drift, corpus_snapshot, retrain_decision
 from tasks.core.config import PipelineConfig, config_from_dict, load_config
 from tasks.core.manifest import read_manifest
-from tasks.extract import extract
 
 log = logging.getLogger("flows.rescrape")
 
@@ -149,7 +150,26 @@ def rescrape_and_retrain(
     """
     logger = get_run_logger()
     t0 = time.time()
+    check_run_parameters(config, overrides)
     cfg = load_config(config, overrides or [])
+    try:
+        with data_root_lock(cfg):
+            return _rescrape(cfg, config, overrides, force_retrain, logger, t0)
+    except DataRootBusy as busy:
+        # a weekly schedule must not overlap a multi-week training: skip this tick, say so, and succeed
+        msg = f"rescrape-and-retrain skipped: {busy}"
+        logger.warning(msg)
+        artifacts.publish_markdown(cfg, "rescrape-decision", f"## Re-scrape skipped\n\n{msg}\n",
+                                   "skipped: another run holds the data root")
+        return {"data_root": str(cfg.root), "skipped": True, "reason": str(busy), "retrained": False,
+                "promoted": False, "wall_s": round(time.time() - t0, 1)}
+
+
+def _rescrape(cfg: PipelineConfig, config: str, overrides: list[str] | None, force_retrain: bool, logger,
+              t0: float) -> dict[str, Any]:
+    from flows.pools import placement
+
+    where = [placement("scrape")]
     d = cfg.model_dump(mode="json")
     scraped = scrape_step(cfg, d)
     c = scraped["counts"]
@@ -175,13 +195,13 @@ def rescrape_and_retrain(
     start = warm_start(cfg, d, decision.current)
     cfg = config_from_dict(d)
     logger.info("training %s", start)
-    nocache(extract)(d)
+    where += [placement("extract"), placement("prepare")]
+    extract_step(cfg, d)
     prepared = prepare(config=config, overrides=overrides)
     artifacts.publish_mixture(cfg, prepared["mix"])
-    trained = train_step(cfg, d, prepared["tokenize"])
+    trained, _, promotion = train_and_evaluate(cfg, config, overrides, d, prepared["tokenize"], True, where, logger)
     run_dir = Path(trained["run_dir"])
-    evaluate_step(cfg, d)
-    promotion = promote_step(cfg, run_dir, logger)
+    publish_placement(cfg, where)
     out.update({"run_dir": str(run_dir), "training_start": start, "promoted": promotion["promoted"],
                 "promotion_reasons": promotion["reasons"], "wall_s": round(time.time() - t0, 1)})
     return out

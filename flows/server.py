@@ -1,24 +1,33 @@
-"""``d2a server``: a real Prefect server on loopback plus the process that serves the deployments.
+"""``d2a server``: a real Prefect server, the project's deployments on their work pools, and one
+process worker per pool, all on this machine: the one-command local default (``make server``).
 
-Two child processes, each in its own process group:
+Its children, each in its own process group:
 
-  * ``prefect server start --host 127.0.0.1 --port P`` (API + UI). Its database is SQLite under
+  * ``prefect server start --host H --port P`` (API + UI). Its database is SQLite under
     ``$PREFECT_HOME`` (``data/prefect/prefect.db`` by default), or PostgreSQL when
     ``PREFECT_SERVER_DATABASE_CONNECTION_URL=postgresql+asyncpg://user:pass@host:5432/prefect`` is set;
-  * ``python -m flows.server serve ...``: registers the deployments (flows/deployments.py) and runs
-    their flow runs (each in its own subprocess; training is a further supervised subprocess).
+  * ``d2a deploy --config ...``: creates the pools (process type), registers the deployments, the
+    notification automations (flows/deployments.py, flows/notify.py), and exits;
+  * ``prefect worker start --pool <pool> --type process`` for each pool of the configs (d2a-cpu,
+    d2a-gpu): each flow run is a subprocess of its pool's worker; training a further subprocess.
 
-Ctrl-C or SIGTERM stops the serve process first (Prefect's runner cancels the flow runs in flight,
-and a cancelled train stage kills its training process group), then the server; anything of the
-tree still alive after that is killed, so nothing outlives ``d2a server``.
+Security: the server listens on loopback unless ``--host`` says otherwise, and then only with API
+authentication configured (``PREFECT_SERVER_API_AUTH_STRING=user:password`` in the environment or
+``.env``; clients and workers send it as ``PREFECT_API_AUTH_STRING``). CSRF protection is on and CORS
+allows only the UI's own origin, on loopback too.
 
-The helpers (``free_port``, ``start_server``, ``wait_healthy``, ``stop_process``) are what the tests
-use to start their own server on a free port.
+Ctrl-C or SIGTERM stops the workers first (their flow runs are stopped; a stopped train stage kills
+its training process group), then the server; anything of the tree still alive after that is killed,
+so nothing outlives ``d2a server``.
+
+The helpers (``free_port``, ``server_env``, ``start_server``, ``wait_healthy``, ``stop_process``) are
+what the tests use to start their own server on a free port.
 """
 
 from __future__ import annotations
 
 import contextlib
+import ipaddress
 import os
 import signal
 import socket
@@ -30,6 +39,21 @@ from pathlib import Path
 from typing import IO, Any
 
 from tasks.core.config import REPO_ROOT  # noqa: E402
+
+LOOPBACK = ("localhost",)
+
+
+class InsecureServer(RuntimeError):
+    """A non-loopback bind without API authentication."""
+
+
+def is_loopback(host: str) -> bool:
+    if host in LOOPBACK:
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
 
 
 def free_port(host: str = "127.0.0.1") -> int:
@@ -50,22 +74,39 @@ def port_in_use(host: str, port: int) -> bool:
 
 def server_env(host: str, port: int, home: str | os.PathLike[str] | None = None,
                base: dict[str, str] | None = None) -> dict[str, str]:
-    """Environment for the server, the serve process and any client: everything points at host:port."""
+    """Environment for the server, the workers and any client: everything points at host:port.
+
+    Refuses (InsecureServer) a non-loopback host unless PREFECT_SERVER_API_AUTH_STRING is set; turns
+    CSRF protection on and limits CORS to the UI's origin (``PREFECT_UI_URL`` if set, else http://host:port)."""
     env = dict(os.environ if base is None else base)
-    url = f"http://{host}:{port}"
+    auth = env.get("PREFECT_SERVER_API_AUTH_STRING")
+    if not is_loopback(host) and not auth:
+        raise InsecureServer(
+            f"refusing to listen on {host}: beyond loopback the API needs authentication. Set "
+            "PREFECT_SERVER_API_AUTH_STRING=user:password (environment or .env; workers and clients then set "
+            "PREFECT_API_AUTH_STRING to the same), or keep --host 127.0.0.1")
+    if auth and ":" not in auth:
+        raise InsecureServer("PREFECT_SERVER_API_AUTH_STRING must look like user:password")
+    public = host if is_loopback(host) or host not in ("0.0.0.0", "::") else socket.getfqdn()
+    ui = env.get("PREFECT_UI_URL") or f"http://{public}:{port}"
+    client_host = "127.0.0.1" if host in ("0.0.0.0", "::") else host  # this machine's own clients and workers
     env.update({
         "PREFECT_HOME": str(home or env.get("PREFECT_HOME") or REPO_ROOT / "data" / "prefect"),
-        "PREFECT_API_URL": f"{url}/api",
-        "PREFECT_UI_API_URL": f"{url}/api",  # what the browser calls: must be this server, not the default port
-        "PREFECT_UI_URL": url,               # links printed in logs
+        "PREFECT_API_URL": f"http://{client_host}:{port}/api",
+        "PREFECT_UI_API_URL": f"{ui}/api",   # what the browser calls: must be this server, not the default port
+        "PREFECT_UI_URL": ui,                # links printed in logs
         "PREFECT_SERVER_API_HOST": host,
         "PREFECT_SERVER_API_PORT": str(port),
+        "PREFECT_SERVER_CSRF_PROTECTION_ENABLED": "true",
+        "PREFECT_SERVER_CORS_ALLOWED_ORIGINS": ui,
         "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
         "DO_NOT_TRACK": "1",
         "PREFECT_LOGGING_EXTRA_LOGGERS": env.get("PREFECT_LOGGING_EXTRA_LOGGERS", "tasks,scrapers,flows"),
         "TOKENIZERS_PARALLELISM": env.get("TOKENIZERS_PARALLELISM", "false"),
         "PYTHONPATH": os.pathsep.join([str(REPO_ROOT), *filter(None, [env.get("PYTHONPATH")])]),
     })
+    if auth:
+        env["PREFECT_API_AUTH_STRING"] = auth
     return env
 
 
@@ -79,17 +120,24 @@ def start_server(host: str, port: int, env: dict[str, str], log: IO[Any] | None 
                             stdin=subprocess.DEVNULL, start_new_session=True)
 
 
-def start_serve(configs: list[str], env: dict[str, str], log: IO[Any] | None = None, limit: int | None = None,
-                with_schedule: bool = True) -> subprocess.Popen:
-    cmd = [sys.executable, "-m", "flows.server", "serve"]
+def deploy(configs: list[str], env: dict[str, str], log: IO[Any] | None = None, with_schedule: bool = True,
+           timeout: float = 300) -> None:
+    """``d2a deploy`` for each config against env's API (a subprocess: the settings are env's)."""
+    cmd = [sys.executable, "-m", "flows.cli", "deploy"]
     for c in configs:
         cmd += ["--config", c]
-    if limit:
-        cmd += ["--limit", str(limit)]
     if not with_schedule:
         cmd.append("--no-schedule")
-    return subprocess.Popen(cmd, env=env, cwd=REPO_ROOT, stdout=log, stderr=subprocess.STDOUT if log else None,
-                            stdin=subprocess.DEVNULL, start_new_session=True)
+    r = subprocess.run(cmd, env=env, cwd=REPO_ROOT, stdout=log, stderr=subprocess.STDOUT if log else None,
+                       stdin=subprocess.DEVNULL, timeout=timeout)
+    if r.returncode:
+        raise RuntimeError(f"d2a deploy exited with status {r.returncode}")
+
+
+def pools_of(configs: list[str]) -> list[str]:
+    from tasks.core.config import load_config
+
+    return list(dict.fromkeys(p for c in configs for p in (load_config(c).pools.cpu, load_config(c).pools.gpu)))
 
 
 def wait_healthy(api_url: str, timeout: float = 120, proc: subprocess.Popen | None = None) -> None:
@@ -146,63 +194,54 @@ def stop_process(proc: subprocess.Popen, timeout: float = 30, sig: int = signal.
 def run_server(host: str = "127.0.0.1", port: int = 4200, configs: list[str] | None = None,
                limit: int | None = None, with_schedule: bool = True) -> int:
     """The ``d2a server`` command: blocks until Ctrl-C / SIGTERM or a child dies."""
-    configs = configs or ["configs/demo.yaml"]
+    from flows.pools import start_worker
     from tasks.core.config import load_config
 
+    configs = configs or ["configs/demo.yaml"]
     for c in configs:  # a broken config fails here, naming the key, before anything starts
         load_config(c)
-    env = server_env(host, port)
+    try:
+        env = server_env(host, port)
+    except InsecureServer as e:
+        print(f"d2a server: {e}", file=sys.stderr)
+        return 2
     db = env.get("PREFECT_SERVER_DATABASE_CONNECTION_URL")
     where = "PostgreSQL/other (PREFECT_SERVER_DATABASE_CONNECTION_URL)" if db else \
         f"SQLite in {Path(env['PREFECT_HOME']) / 'prefect.db'}"
-    print(f"starting Prefect server on http://{host}:{port} (database: {where})", flush=True)
+    print(f"starting Prefect server on http://{host}:{port} (database: {where}; "
+          f"{'API authentication on' if env.get('PREFECT_API_AUTH_STRING') else 'loopback only, no authentication'})",
+          flush=True)
 
     def _term(signum, _frame):
         raise KeyboardInterrupt
 
     old = signal.signal(signal.SIGTERM, _term)
-    server = serve = None
+    server = None
+    workers: dict[str, subprocess.Popen] = {}
     try:
         server = start_server(host, port, env)
         wait_healthy(env["PREFECT_API_URL"], timeout=180, proc=server)
-        serve = start_serve(configs, env, limit=limit, with_schedule=with_schedule)
-        print(f"\nPrefect UI: http://{host}:{port}   (API {env['PREFECT_API_URL']})\n"
-              f"serving the deployments of {', '.join(configs)}; Ctrl-C stops everything\n", flush=True)
+        deploy(configs, env, with_schedule=with_schedule)
+        for pool in pools_of(configs):
+            workers[pool] = start_worker(pool, env, mark=pool, limit=limit)
+        print(f"\nPrefect UI: {env['PREFECT_UI_URL']}   (API {env['PREFECT_API_URL']})\n"
+              f"deployments of {', '.join(configs)} registered; workers polling {', '.join(workers)}; "
+              "Ctrl-C stops everything\n", flush=True)
         while True:
-            for name, p in (("server", server), ("serve", serve)):
+            for name, p in (("server", server), *((f"worker {k}", w) for k, w in workers.items())):
                 if p.poll() is not None:
                     print(f"the {name} process exited with status {p.returncode}; stopping", file=sys.stderr)
                     return 1
             time.sleep(1)
     except KeyboardInterrupt:
-        print("\nstopping: cancelling flow runs in flight, then the server ...", flush=True)
+        print("\nstopping: the workers and their flow runs, then the server ...", flush=True)
         return 0
     finally:
         signal.signal(signal.SIGINT, signal.SIG_IGN)  # a second Ctrl-C must not interrupt the clean-up
-        if serve is not None:
-            stop_process(serve, timeout=90)   # the runner cancels its runs (30 s grace each) before exiting
+        for w in workers.values():
+            stop_process(w, timeout=60)
         if server is not None:
             stop_process(server, timeout=30)
         signal.signal(signal.SIGTERM, old)
         signal.signal(signal.SIGINT, signal.default_int_handler)
         print("stopped", flush=True)
-
-
-def main(argv: list[str] | None = None) -> int:
-    import argparse
-
-    ap = argparse.ArgumentParser(prog="flows.server")
-    sub = ap.add_subparsers(dest="cmd", required=True)
-    s = sub.add_parser("serve", help="serve the deployments against $PREFECT_API_URL (blocks)")
-    s.add_argument("--config", action="append")
-    s.add_argument("--limit", type=int)
-    s.add_argument("--no-schedule", action="store_true")
-    a = ap.parse_args(argv)
-    from flows.deployments import serve_deployments
-
-    serve_deployments(a.config or ["configs/demo.yaml"], a.limit, not a.no_schedule)
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

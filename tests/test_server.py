@@ -1,6 +1,7 @@
-"""A real Prefect server on a free loopback port, the project's deployments served, runs triggered
-through the API: the whole DAG on the demo config (small), its artifacts, typed parameters, the
-schedule, and cancelling a running train stage (no training process may survive).
+"""A real Prefect server on a free loopback port, the project's deployments on their work pools with
+a process worker per pool (what ``d2a server`` runs), runs triggered through the API: the whole DAG
+on the demo config (small), its artifacts, typed parameters, the schedule, and cancelling a running
+train stage (no training process may survive).
 
 The helpers at the top are shared with test_ui.py, test_cache.py and test_rescrape.py.
 """
@@ -121,45 +122,68 @@ class Served:
 
 @contextlib.contextmanager
 def served(tmp: Path, config: Path, root: Path):
-    """``prefect server start`` on a free port + ``flows.server serve`` for ``config``; stops both."""
+    """``prefect server start`` on a free port, ``d2a deploy`` of ``config``, and a process worker per
+    pool (``prefect worker start --pool ... --type process``); stops them all."""
     from prefect.settings import PREFECT_API_URL, temporary_settings
 
-    from flows.server import free_port, server_env, start_serve, start_server, stop_process, wait_healthy
+    from flows.pools import start_worker
+    from flows.server import deploy, free_port, pools_of, server_env, start_server, stop_process, wait_healthy
 
     port = free_port()
-    env = server_env("127.0.0.1", port, home=tmp / "prefect-home")
+    base = {k: v for k, v in os.environ.items() if k not in ("PREFECT_SERVER_API_AUTH_STRING", "PREFECT_API_AUTH_STRING")}
+    env = server_env("127.0.0.1", port, home=tmp / "prefect-home", base=base)
     env.pop("PREFECT_SERVER_DATABASE_CONNECTION_URL", None)  # always this test's own SQLite
+    env["PREFECT_WORKER_QUERY_SECONDS"] = "2"
     logs = tmp / "logs"
     logs.mkdir(exist_ok=True)
-    server_log, serve_log = open(logs / "server.log", "w"), open(logs / "serve.log", "w")
-    server = serve = None
+    server_log, deploy_log = open(logs / "server.log", "w"), open(logs / "deploy.log", "w")
+    worker_log = open(logs / "serve.log", "w")  # both workers: the flow runs' output
+    server = None
+    workers = []
     try:
         server = start_server("127.0.0.1", port, env, server_log)
         wait_healthy(env["PREFECT_API_URL"], timeout=180, proc=server)
-        serve = start_serve([str(config)], env, serve_log)
+        deploy([str(config)], env, deploy_log)
+        workers = [start_worker(pool, env, worker_log, mark=pool) for pool in pools_of([str(config)])]
         with temporary_settings(updates={PREFECT_API_URL: env["PREFECT_API_URL"]}):
-            _wait_deployments(7, serve, timeout=180)
+            _wait_deployments(8, workers, timeout=60)
             yield Served(env["PREFECT_API_URL"], f"http://127.0.0.1:{port}", env, config, config.stem, root, logs)
     finally:
-        if serve is not None:
-            stop_process(serve, timeout=90)
+        for w in workers:
+            stop_process(w, timeout=60)
         if server is not None:
             stop_process(server, timeout=30)
         server_log.close()
-        serve_log.close()
+        deploy_log.close()
+        worker_log.close()
 
 
-def _wait_deployments(n: int, serve: subprocess.Popen, timeout: float) -> None:
+def _wait_deployments(n: int, workers: list[subprocess.Popen], timeout: float) -> None:
     from prefect.client.orchestration import get_client
 
     deadline = time.monotonic() + timeout
     with get_client(sync_client=True) as c:
         while time.monotonic() < deadline:
-            assert serve.poll() is None, "the serve process died; see its log"
+            assert all(w.poll() is None for w in workers), "a worker died; see its log"
             if len(c.read_deployments()) >= n:
                 return
             time.sleep(1)
     raise TimeoutError("deployments were not registered in time")
+
+
+def run_tree(flow_run_id) -> list:
+    """A flow run and its descendants (subflows, and the runs it handed to the GPU pool)."""
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterParentFlowRunId
+
+    with get_client(sync_client=True) as c:
+        out, todo = [], [c.read_flow_run(flow_run_id)]
+        while todo:
+            fr = todo.pop()
+            out.append(fr)
+            todo += c.read_flow_runs(flow_run_filter=FlowRunFilter(
+                parent_flow_run_id=FlowRunFilterParentFlowRunId(any_=[fr.id])))
+        return out
 
 
 def wait_final(flow_run_id, timeout: float):
@@ -176,11 +200,13 @@ def wait_final(flow_run_id, timeout: float):
 
 
 def artifacts_of(flow_run_id) -> dict[str, list]:
+    """Artifacts of a flow run and of its descendants (train and evaluate publish in their own runs)."""
     from prefect.client.orchestration import get_client
     from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterFlowRunId
 
+    ids = [r.id for r in run_tree(flow_run_id)]
     with get_client(sync_client=True) as c:
-        arts = c.read_artifacts(artifact_filter=ArtifactFilter(flow_run_id=ArtifactFilterFlowRunId(any_=[flow_run_id])))
+        arts = c.read_artifacts(artifact_filter=ArtifactFilter(flow_run_id=ArtifactFilterFlowRunId(any_=ids)))
     out: dict[str, list] = {}
     for a in arts:
         out.setdefault(a.key or "", []).append(a)
@@ -208,8 +234,8 @@ def test_deployments_have_typed_parameters_and_the_configured_schedule(server):
     with get_client(sync_client=True) as c:
         deps = {f"{c.read_flow(d.flow_id).name}/{d.name}": d for d in c.read_deployments()}
         assert set(deps) == {f"{f}/{server.name}" for f in ("data-to-adapter", "stage-scrape", "stage-prepare",
-                                                               "stage-train", "stage-evaluate", "generate",
-                                                               "rescrape-and-retrain")}
+                                                               "stage-train", "stage-train-node", "stage-evaluate",
+                                                               "generate", "rescrape-and-retrain")}
         dta = deps[f"data-to-adapter/{server.name}"]
         props = dta.parameter_openapi_schema["properties"]
         assert props["config"]["type"] == "string" and dta.parameters == {"config": str(server.config)}
@@ -291,7 +317,8 @@ def test_cancelling_a_running_train_stage_leaves_no_training_process(server):
 
 
 def test_d2a_server_starts_prints_the_ui_and_stops_cleanly(tmp_path):
-    """``d2a server`` itself: prints the UI address, serves, and SIGTERM leaves nothing running."""
+    """``d2a server`` itself: prints the UI address, deploys, starts a worker per pool, and SIGTERM leaves
+    nothing running."""
     import signal
 
     import psutil
@@ -308,14 +335,14 @@ def test_d2a_server_starts_prints_the_ui_and_stops_cleanly(tmp_path):
                              start_new_session=True)
     try:
         deadline = time.monotonic() + 240
-        while time.monotonic() < deadline and "Your deployments are being served" not in (tmp_path / "out.log").read_text():
+        while time.monotonic() < deadline and "workers polling" not in (tmp_path / "out.log").read_text():
             assert p.poll() is None, (tmp_path / "out.log").read_text()[-3000:]
             time.sleep(1)
         out = (tmp_path / "out.log").read_text()
         assert f"Prefect UI: http://127.0.0.1:{port}" in out
         assert (tmp_path / "home" / "prefect.db").is_file()  # SQLite under PREFECT_HOME
         tree = [psutil.Process(p.pid), *psutil.Process(p.pid).children(recursive=True)]
-        assert len(tree) >= 3  # d2a, the server, the serve loop
+        assert len(tree) >= 4  # d2a, the server, a worker per pool
         p.send_signal(signal.SIGTERM)
         p.wait(timeout=150)
         time.sleep(1)

@@ -1,6 +1,8 @@
 """The UI path, in a real headless Chromium (Debian's ``chromium``, driven by Playwright with
 ``executable_path``; never a downloaded browser): open the ``data-to-adapter`` deployment, Run ->
-Quick run, see the run created, and poll the API until it completes.
+Quick run, see the run created, and poll the API until it completes. The server is what ``d2a server``
+runs: the deployments on a CPU and a GPU work pool, a process worker per pool; the quick run goes to
+the CPU pool and hands train and evaluate to the GPU pool.
 
 The data root is a clone of a prepared one, so the quick run (the deployment's default parameters)
 finds every stage up to date except the scrape: the point here is the UI trigger, not training."""
@@ -12,7 +14,7 @@ import time
 from pathlib import Path
 
 import pytest
-from test_server import artifacts_of, clone, prepared_root, served, wait_final, write_config
+from test_server import artifacts_of, clone, prepared_root, run_tree, served, wait_final, write_config
 
 CHROMIUM = Path("/usr/bin/chromium")
 pytestmark = pytest.mark.integration  # the real SmolLM2 through the whole DAG (CPU, minutes)
@@ -75,6 +77,10 @@ def test_quick_run_from_the_ui_completes(ui_server, tmp_path):
             page.screenshot(path=str(shots / "3-completed-run.png"), full_page=True)
         finally:
             browser.close()
+    # the DAG ran on the CPU pool and handed train and evaluate to the GPU pool's worker
+    with get_client(sync_client=True) as c:
+        pools = {c.read_flow(r.flow_id).name: r.work_pool_name for r in run_tree(fr.id) if r.deployment_id}
+    assert pools == {"data-to-adapter": "d2a-cpu", "stage-train": "d2a-gpu", "stage-evaluate": "d2a-gpu"}, pools
     arts = artifacts_of(fr.id)
     assert {"demo-scrape-report", "demo-stages", "demo-eval-base-vs-adapter"} <= set(arts)
     stages = arts["demo-stages"][0].data

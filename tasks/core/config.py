@@ -388,6 +388,81 @@ class PlanConfig(Section):
         "this data root, else the recorded demo figures in plan.results.")
 
 
+
+# ------------------------------------------------------------------ operations (Prefect server)
+class PoolsConfig(Section):
+    """Where the deployments of this config run (``d2a deploy``, flows/deployments.py)."""
+
+    cpu: str = Field(default="d2a-cpu", pattern=r"^[A-Za-z0-9_.-]+$",
+                     description="Process work pool for scrape, extract and the data stages (no GPU needed).")
+    gpu: str = Field(default="d2a-gpu", pattern=r"^[A-Za-z0-9_.-]+$",
+                     description="Process work pool for train, evaluate (+ promotion) and generate.")
+    dispatch: Literal["auto", "local", "pools"] = Field(
+        default="auto", description="How the whole-DAG flow runs train and evaluate. auto: on the GPU pool "
+        "(run_deployment) when the DAG itself runs from a work-pool deployment, else in its own process "
+        "(d2a run); local: always in-process; pools: always through the GPU pool's deployments.")
+    rdzv_port: int | None = Field(
+        default=None, ge=1, le=65535, description="Multi-node training from Prefect: port of the c10d rendezvous "
+        "on node 0 when train.rdzv_endpoint is unset (None: a free port chosen by node 0).")
+
+
+class StagePolicy(Section):
+    timeout_s: float | None = Field(default=None, gt=0, description="Per attempt; None = no limit.")
+    retries: int = Field(default=0, ge=0, le=20)
+    retry_delay_s: float = Field(default=10, ge=0)
+
+
+def _policy(timeout_s: float | None, retries: int = 0, retry_delay_s: float = 10) -> Any:
+    return Field(default_factory=lambda: StagePolicy(timeout_s=timeout_s, retries=retries, retry_delay_s=retry_delay_s))
+
+
+class TimeoutsConfig(Section):
+    """Timeout and retry policy of every stage's Prefect task. Scrape retries transient network
+    failures only; train retries preemption and crashes (each retry resumes from its checkpoint) but
+    never a divergence stop or a config error; the data stages are deterministic, so a retry would
+    fail the same way."""
+
+    scrape: StagePolicy = _policy(6 * 3600, retries=2, retry_delay_s=60)
+    extract: StagePolicy = _policy(6 * 3600)
+    clean: StagePolicy = _policy(12 * 3600)
+    split: StagePolicy = _policy(2 * 3600)
+    mix: StagePolicy = _policy(6 * 3600)
+    tokenize: StagePolicy = _policy(12 * 3600)
+    train: StagePolicy = _policy(30 * 86400, retries=2, retry_delay_s=10)
+    evaluate: StagePolicy = _policy(12 * 3600, retries=1, retry_delay_s=30)
+
+
+class NotificationsConfig(Section):
+    """Prefect automations created by ``d2a deploy`` / ``d2a server`` (flows/notify.py)."""
+
+    webhook_block: str | None = Field(
+        default=None, pattern=r"^[a-z0-9-]+$",
+        description="Name of a Prefect Webhook block (its URL is a secret held by Prefect, never in this file); "
+        "None = no notifications.")
+    on_states: list[Literal["Failed", "Crashed", "Cancelled", "TimedOut"]] = Field(
+        default_factory=lambda: ["Failed", "Crashed", "Cancelled", "TimedOut"],
+        description="Flow-run states of this config's deployments that post to the webhook.")
+    announce_promotions: bool = Field(default=True, description="Post when an adapter is promoted to current.")
+
+
+class ServerConfig(Section):
+    """What a flow run's parameters may change (flows/guard.py). Everything else, and above all what
+    selects code or where it runs, comes only from this file on disk."""
+
+    allowed_overrides: list[str] = Field(
+        default_factory=lambda: [
+            "train.max_steps", "train.max_tokens", "train.epochs", "train.lr", "train.warmup_steps",
+            "train.warmup_tokens", "train.eval_every", "train.eval_every_tokens", "train.save_every",
+            "train.save_every_tokens", "train.eval_batches", "train.keep_checkpoints", "train.log_every",
+            "evaluate.max_rows_per_category", "evaluate.max_new_tokens", "evaluate.prompt",
+            "generate.temperature", "generate.top_p", "generate.max_new_tokens", "generate.seed",
+            "schedule.change_threshold", "schedule.promote_tolerance", "mix.total_tokens",
+            "data_root",
+        ],
+        description="section.key overrides a flow run may pass (a 'section.*' entry allows the whole section); "
+        "data_root only inside this config's data root. Code-selecting keys are refused even if listed.")
+
+
 class PipelineConfig(Section):
     run_name: str = Field(default="run", pattern=r"^[A-Za-z0-9_.-]+$")
     data_root: str = Field(default="data/run", description="Artifact root; relative paths are from the repo.")
@@ -408,6 +483,10 @@ class PipelineConfig(Section):
     tracking: TrackingConfig = Field(default_factory=TrackingConfig)
     schedule: ScheduleConfig = Field(default_factory=ScheduleConfig)
     plan: PlanConfig = Field(default_factory=PlanConfig)
+    pools: PoolsConfig = Field(default_factory=PoolsConfig)
+    timeouts: TimeoutsConfig = Field(default_factory=TimeoutsConfig)
+    notifications: NotificationsConfig = Field(default_factory=NotificationsConfig)
+    server: ServerConfig = Field(default_factory=ServerConfig)
 
     # -- paths ---------------------------------------------------------------------------
     @property
