@@ -134,11 +134,11 @@ def main(argv: list[str] | None = None) -> int:
     from tasks.core.config import ConfigError
     from tasks.core.manifest import DamagedOutput, LockHeld, set_verify
 
-    set_verify(a.verify)  # through the environment: also reaches worker processes
+    set_verify(getattr(a, "verify", False))  # through the environment: also reaches worker processes
     try:
         if a.cmd == "plan":
+            from flows.plan import PLAN_JSON, PLAN_MD, plan_markdown, run_plan
             from tasks.core.config import load_config
-            from tasks.core.plan import PLAN_JSON, PLAN_MD, plan_markdown, run_plan
 
             cfg = load_config(a.config, a.overrides)
             p = run_plan(cfg)

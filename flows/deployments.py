@@ -311,11 +311,11 @@ def multinode_train(cfg: PipelineConfig, config: str, overrides: list[str] | Non
                     tok_m: dict[str, Any]) -> dict[str, Any]:
     from flows import artifacts as arts
     from flows.pipeline import expected_steps
-    from tasks.train.stage import _retry_when_interrupted, run_dir_for
+    from tasks.train.stage import run_dir_for
 
     opts = stage_options(cfg, "train")
     with arts.training_progress(cfg, run_dir_for(cfg), expected_steps(cfg, tok_m)):
-        m = multinode_attempt.with_options(**opts, retry_condition_fn=_retry_when_interrupted)(
+        m = multinode_attempt.with_options(**opts)(
             cfg.model_dump(mode="json"), config, overrides)
     arts.publish_training(cfg, Path(m["run_dir"]), m)
     return m

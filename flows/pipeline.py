@@ -200,7 +200,7 @@ def evaluate_step(cfg: PipelineConfig, d: dict[str, Any]) -> dict[str, Any]:
 def plan_step(cfg: PipelineConfig, logger: logging.Logger) -> dict[str, Any]:
     """`d2a plan` inside the flow: saved under the data root, published, and its warnings raised in
     the log before anything is trained (first before the scrape, then with the scrape's real counts)."""
-    from tasks.core.plan import plan_markdown, run_plan
+    from flows.plan import plan_markdown, run_plan
 
     p = run_plan(cfg)
     t = p["training"]

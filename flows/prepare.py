@@ -16,37 +16,21 @@ from typing import Any
 from prefect import flow
 
 from tasks.clean.stage import clean
+from tasks.core._prefect import NO_RETRY
 from tasks.core.config import DaskConfig, PipelineConfig, config_from_dict, load_config
 from tasks.mix import mix
 from tasks.split import split
 from tasks.tokenize.stage import tokenize
 
-TRANSIENT = (ConnectionError, TimeoutError)  # OSError subclasses a flaky network raises; requests' are added below
-
-
-def _transient(_task, _task_run, state) -> bool:
-    """Retry only what a flaky network causes; a config error or a bug would fail the same way again."""
-    try:
-        exc = state.result(raise_on_failure=False)
-    except Exception as e:  # noqa: BLE001 - the result itself could not be read
-        exc = e
-    kinds: tuple[type, ...] = TRANSIENT
-    try:
-        import requests
-
-        kinds += (requests.ConnectionError, requests.Timeout)
-    except ImportError:
-        pass
-    return isinstance(exc, kinds)
-
 
 def stage_options(cfg: PipelineConfig, stage: str) -> dict[str, Any]:
-    """Prefect task options from the config's ``timeouts.<stage>`` policy."""
-    p = getattr(cfg.timeouts, stage)
-    opts: dict[str, Any] = {"timeout_seconds": p.timeout_s, "retries": p.retries, "retry_delay_seconds": p.retry_delay_s}
-    if stage == "scrape":
-        opts["retry_condition_fn"] = _transient
-    return opts
+    """Prefect task options: the stage's own retry policy (which failures are worth a retry) with the
+    config's ``timeouts.<stage>`` numbers (how often, how long)."""
+    from tasks.scrape import SCRAPE_RETRY
+    from tasks.train.stage import TRAIN_RETRY
+
+    policy = {"scrape": SCRAPE_RETRY, "train": TRAIN_RETRY}.get(stage, NO_RETRY)
+    return policy.configured(getattr(cfg.timeouts, stage)).options()
 
 
 def task_runner(d: DaskConfig):

@@ -30,6 +30,7 @@ from typing import Any
 
 import pyarrow as pa
 import pyarrow.parquet as pq
+import requests
 import yaml
 
 from scrapers import dataset_import
@@ -37,7 +38,7 @@ from scrapers.crawl import Crawler, CrawlState, check_sources, read_decisions, s
 from scrapers.dataset_import import ImportStats
 from scrapers.fetcher import FetchLog
 from scrapers.testsite import demo_site_env
-from tasks.core._prefect import task
+from tasks.core._prefect import RetryPolicy, task
 from tasks.core.config import (
     CATEGORIES,
     PipelineConfig,
@@ -227,6 +228,11 @@ def _exclusive(state_dir: Path) -> Iterator[None]:
         except BlockingIOError:
             raise RuntimeError(f"another scrape is running on {state_dir} (lock held)") from None
         yield
+
+
+# only what a flaky network causes is worth a retry (requests' errors are OSError subclasses too, but a
+# config error or a bug would fail the same way again); the numbers are the config's timeouts.scrape
+SCRAPE_RETRY = RetryPolicy(retry_on=(ConnectionError, TimeoutError, requests.ConnectionError, requests.Timeout))
 
 
 @task(name="scrape")

@@ -33,10 +33,9 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
-from conftest import read_metrics, tiny_config_dict
+from conftest import REPO, read_metrics, tiny_config_dict
 from safetensors.torch import load_file
 
-REPO = Path(__file__).resolve().parent.parent
 pytestmark = pytest.mark.integration
 TRAIN = {"max_steps": 4, "micro_batch_size": 2, "grad_accum": 2, "save_every": 2, "eval_every": 100,
          "warmup_steps": 1, "num_threads": 1}

@@ -116,6 +116,22 @@ def _du(p: Path) -> int:
 
 
 # ----------------------------------------------------------------------------------- plan
+
+def _sources(cfg: PipelineConfig):
+    """The sources file as the run will read it: the demo site's origin is only known once a run serves
+    it, so a plan made outside a run gives $DEMO_SITE the configured address (the host names are all
+    the plan needs)."""
+    import os
+
+    if cfg.demo_site.enabled and not os.environ.get("DEMO_SITE"):
+        os.environ["DEMO_SITE"] = f"http://{cfg.demo_site.host}:{cfg.demo_site.port}"
+        try:
+            return load_sources(cfg.scrape.sources)
+        finally:
+            del os.environ["DEMO_SITE"]
+    return load_sources(cfg.scrape.sources)
+
+
 def make_plan(cfg: PipelineConfig) -> dict[str, Any]:
     """The plan as a dict (see the module doc); ``warnings`` lists what the flow raises before training."""
     from tasks.mix import plan_total
@@ -131,7 +147,7 @@ def make_plan(cfg: PipelineConfig) -> dict[str, Any]:
 
     # -- sources: what each is expected to yield
     sources = []
-    for s in load_sources(cfg.scrape.sources):
+    for s in _sources(cfg):
         never = None
         if s.permission is None:
             never = "no permission evidence: the scraper refuses it"
@@ -225,9 +241,19 @@ def make_plan(cfg: PipelineConfig) -> dict[str, Any]:
                         epochs=round(total / steps["steps_per_epoch"], 3) if rows else None)
         n_cat = sum(1 for v in categories.values() if v["ratio"] > 0) or len(CATEGORIES)
         n_evals = total // steps["eval_every"] + (total % steps["eval_every"] != 0)
-        per_eval = n_cat * tc.eval_batches * tc.micro_batch_size * seq  # held-out tokens read per periodic eval
-        training["periodic_eval"] = {"evaluations": n_evals, "rows_per_category": tc.eval_batches * tc.micro_batch_size,
+        # rows per category: as configured; `auto` is sized at launch from a measured pilot so that the loss's
+        # standard error is below early_stopping.min_delta, at most eval_max_rows_per_category (the bound shown)
+        er = tc.eval_rows_per_category
+        eval_rows = (tc.eval_max_rows_per_category if er == "auto"
+                     else er if er is not None else tc.eval_batches * tc.micro_batch_size)
+        per_eval = n_cat * eval_rows * seq  # held-out tokens read per periodic eval (split across the ranks)
+        training["periodic_eval"] = {"evaluations": n_evals, "rows_per_category": eval_rows,
+                                     "sizing": "auto: at most (measured at launch)" if er == "auto" else "configured",
                                      "tokens_each": per_eval, "tokens_total": per_eval * n_evals}
+        if training["tokens"] and per_eval * n_evals > 0.1 * training["tokens"]:
+            warnings.append(f"periodic evaluation reads up to {per_eval * n_evals / training['tokens']:.0%} as many "
+                            "tokens as training (forward only, about a third of a training token each): raise "
+                            "train.eval_every or lower the held-out sample (train.eval_max_rows_per_category)")
     tp = pick_throughput(cfg, results)
     if tp is None:
         warnings.append(f"no recorded throughput for {cfg.model.name} at this operating point "
@@ -304,7 +330,7 @@ def _disk(cfg: PipelineConfig, results: dict[str, Any], categories: dict[str, An
         out[d] = {"bytes": int(bpt * corpus), "basis": basis}
     shape_vocab = None
     if training.get("rows") is not None:
-        from tasks.tokenize.pack import id_dtype
+        from tasks.tokenize.format import id_dtype
 
         shape, _ = model_shape(cfg, results)
         shape_vocab = (shape or {}).get("vocab_size")
@@ -366,6 +392,7 @@ def plan_markdown(p: dict[str, Any]) -> str:
         pe = t.get("periodic_eval")
         if pe:
             lines.append(f"- periodic eval: {pe['evaluations']} x {pe['rows_per_category']} held-out rows per category "
+                         f"({pe.get('sizing', 'configured')}) "
                          f"= {_n(pe['tokens_each'])} tokens each, {_n(pe['tokens_total'])} in all")
     else:
         lines.append("- steps: unknown until the corpus size is (scrape first, or set plan.expected_tokens)")
