@@ -250,7 +250,8 @@ def make_plan(cfg: PipelineConfig) -> dict[str, Any]:
         training["periodic_eval"] = {"evaluations": n_evals, "rows_per_category": eval_rows,
                                      "sizing": "auto: at most (measured at launch)" if er == "auto" else "configured",
                                      "tokens_each": per_eval, "tokens_total": per_eval * n_evals}
-        if training["tokens"] and per_eval * n_evals > 0.1 * training["tokens"]:
+        # (a small run's eval is cheap in absolute terms whatever its share: only say it where it costs hours)
+        if training["tokens"] >= 1e8 and per_eval * n_evals > 0.1 * training["tokens"]:
             warnings.append(f"periodic evaluation reads up to {per_eval * n_evals / training['tokens']:.0%} as many "
                             "tokens as training (forward only, about a third of a training token each): raise "
                             "train.eval_every or lower the held-out sample (train.eval_max_rows_per_category)")
