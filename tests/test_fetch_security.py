@@ -19,7 +19,8 @@ from urllib.parse import unquote, urlsplit
 import pytest
 from test_scrape import PERMISSION, fetch_log, make_cfg, page, write_site, write_sources
 
-from scrapers.fetcher import AddressGuard, Decision, FetcherSettings, FetchLog, HostAllowList, PoliteFetcher, _Abort
+from scrapers.connection import AddressGuard
+from scrapers.fetcher import Decision, FetcherSettings, FetchLog, HostAllowList, PoliteFetcher, _Abort
 from scrapers.testsite import serve_site
 from tasks.core.config import REPO_ROOT, ConfigError, load_sources
 from tasks.scrape import run_scrape

@@ -11,8 +11,8 @@ import pyarrow.parquet as pq
 import pytest
 import yaml
 
+from scrapers.connection import AddressGuard
 from scrapers.crawl import SourceRefused, check_sources, require_permission
-from scrapers.fetcher import AddressGuard
 from scrapers.schema import REPO_ROOT as REPO
 from scrapers.testsite import serve_site
 from tasks.core.config import CATEGORIES, PipelineConfig, SourceConfig
