@@ -21,15 +21,7 @@ Worker exit statuses (what the supervisor does with them):
       at once: the resume path reloads it, with the data position moved past the bad batches
   77  EXIT_DIVERGED: diverged and told to stop (or out of rollbacks); ``diverged.json`` says why
 
-Test/debug hooks (environment variables read by the worker; never set them in production):
-  D2A_INJECT_NAN_STEPS="3,5"   add NaN to the loss of the micro-batches that an uninterrupted run
-                               trains on at these steps (keyed by data position, so a resumed or
-                               rolled-back run meets them at the same data, never twice)
-  D2A_INJECT_SPIKE_STEPS="6"   multiply those batches' loss by 1000 (a loss spike)
-  D2A_INJECT_RANK="1"          inject on this rank only (default: every rank)
-  D2A_STEP_SLEEP_S="0.2"       sleep after every step (gives signal tests a window)
-  D2A_CKPT_PAUSE_STEP="4"      while writing checkpoint step-4, pause D2A_CKPT_PAUSE_S seconds
-                               (default 30) after the adapter is in the .partial directory
+Test/debug hooks (fault injection through environment variables): tasks/train/faults.py.
 """
 
 # The stage's public face; nothing here imports torch (the flow process and CPU workers load it).
