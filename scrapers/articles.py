@@ -23,6 +23,7 @@ from scrapers.common import (
 
 _BLOCK_TAGS = {"h1", "h2", "h3", "h4", "h5", "h6", "p", "li", "pre", "blockquote", "dt", "dd", "figcaption"}
 SHORT_TEXT = 200  # below this, trafilatura's result may be navigation it took for text
+INDEX_RATIO = 0.9
 
 
 def _fallback(main: Any) -> str:
@@ -42,10 +43,11 @@ def parse(page: Page) -> Parsed:
     body = page.main_text()
     method = "trafilatura"
     main = main_node(page.tree)
-    if len(body) < SHORT_TEXT:
-        ratio = nav_ratio(main)
-        if ratio >= 0.6:
-            raise ParseReject("navigation_page", f"{ratio:.0%} of the main text is linked list items")
+    # an index page: mostly linked list items. A short text is judged at 60 %; a long one only at 90 %
+    # (real articles carry link lists too, but not as nine tenths of their text)
+    ratio = nav_ratio(main)
+    if ratio >= (0.6 if len(body) < SHORT_TEXT else INDEX_RATIO):
+        raise ParseReject("navigation_page", f"{ratio:.0%} of the main text is linked list items")
     if not body.strip():
         method = "html"
         body = _fallback(main)

@@ -10,6 +10,7 @@ from typing import Any
 import pytest
 
 from scrapers.extract_page import extract_page
+from tasks.core.config import REPO_ROOT
 
 PAGES = Path(__file__).parent / "pages" / "extract"
 ENTITY = re.compile(r"&(?:#\d{1,7}|#x[0-9a-f]{1,6}|[a-z][a-z0-9]{1,31});", re.IGNORECASE)
@@ -224,3 +225,15 @@ def test_products_and_additives_read_the_one_lxml_tree(name: str, category: str,
     module = importlib.import_module("scrapers.additives" if category == "chemical_additives" else "scrapers.products")
     page = make_page(f"http://example.org/{name}", (PAGES / name).read_text(encoding="utf-8"))
     assert getattr(module, parse)(page).text and page._soup is None
+
+
+def test_an_index_page_with_an_intro_is_navigation_not_an_article():
+    """The demo site's article index (an intro paragraph, then links: 94 % linked list items) is
+    rejected as navigation, not kept as an article that then duplicates itself under two URLs."""
+    from scrapers.articles import parse
+    from scrapers.common import ParseReject, make_page
+
+    html = (REPO_ROOT / "data" / "demo_site" / "articles" / "index.html").read_text(encoding="utf-8")
+    with pytest.raises(ParseReject) as e:
+        parse(make_page("http://127.0.0.1/articles/index.html", html))
+    assert e.value.reason == "navigation_page"
