@@ -228,7 +228,7 @@ def test_products_and_additives_read_the_one_lxml_tree(name: str, category: str,
 
 
 def test_an_index_page_with_an_intro_is_navigation_not_an_article():
-    """The demo site's article index (an intro paragraph, then links: 94 % linked list items) is
+    """The demo site's article index (an intro, then links: 94 % linked list items, a directory index URL) is
     rejected as navigation, not kept as an article that then duplicates itself under two URLs."""
     from scrapers.articles import parse
     from scrapers.common import ParseReject, make_page
