@@ -35,6 +35,7 @@ import torch
 import yaml
 from conftest import REPO, read_metrics, tiny_config_dict
 from safetensors.torch import load_file
+from test_server import run_tree
 
 pytestmark = pytest.mark.integration
 TRAIN = {"max_steps": 4, "micro_batch_size": 2, "grad_accum": 2, "save_every": 2, "eval_every": 100,
@@ -157,21 +158,6 @@ def wait_for(pred, timeout: float, what: str, every: float = 1.0):
             return v
         time.sleep(every)
     raise TimeoutError(what)
-
-
-def tree_of(fid) -> list:
-    """The flow run and its descendants (subflows and runs handed to a pool)."""
-    from prefect.client.orchestration import get_client
-    from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterParentFlowRunId
-
-    with get_client(sync_client=True) as c:
-        out, todo = [], [c.read_flow_run(fid)]
-        while todo:
-            fr = todo.pop()
-            out.append(fr)
-            todo += c.read_flow_runs(flow_run_filter=FlowRunFilter(
-                parent_flow_run_id=FlowRunFilterParentFlowRunId(any_=[fr.id])))
-        return out
 
 
 def artifacts_in(runs, key: str) -> list:
@@ -341,7 +327,7 @@ def test_dag_on_the_pools_trains_on_the_gpu_worker_and_matches_a_local_run(team,
     second = wait_final(second.id, timeout=400)
     assert second.state.is_completed(), fail_message(second)
     assert second.start_time >= fr.end_time  # queued, never interleaved
-    runs = tree_of(fr.id)
+    runs = run_tree(fr.id)
     flows_run = sorted({r.name for r in runs})
     assert len(runs) >= 4, flows_run  # the DAG, its prepare subflow, stage-train and stage-evaluate
     where = placements(runs)
@@ -423,7 +409,7 @@ def test_two_node_training_as_two_flow_runs_on_the_gpu_pool_matches_one_process(
     fr = run_deployment("stage-train/twonode", timeout=0)
     fr = wait_final(fr.id, timeout=500)
     assert fr.state.is_completed(), (fail_message(fr), (team.logs / "gpu.log").read_text()[-4000:])
-    runs = tree_of(fr.id)
+    runs = run_tree(fr.id)
     where = placements(runs, "t2")
     assert {"train", "train-node-1"} <= set(where), where
     assert where["train"]["pid"] != where["train-node-1"]["pid"]
