@@ -136,8 +136,8 @@ fn = getattr(importlib.import_module("tasks." + name), "run_" + name)
 cfg = load_config(config, [])
 logging.basicConfig(level=logging.WARNING)
 if name in ("mix", "tokenize"):  # loading the tokenizer imports torch and transformers: a fixed cost, not data
-    from tasks.core.model import load_tokenizer, resolve_base
-    load_tokenizer(resolve_base(cfg.model, cfg.root / "models"), cfg.model)
+    from tasks.core.model import model_tokenizer
+    model_tokenizer(cfg.model, cfg.root / "models")
 base = vm("VmRSS:")
 t0 = time.monotonic()
 m = fn(cfg)

@@ -219,10 +219,10 @@ def _deployment_name() -> str | None:
 
 
 def _tokenized_manifest(cfg: PipelineConfig) -> dict[str, Any]:
-    from tasks.core.model import load_tokenizer, resolve_base, tokenizer_fingerprint
+    from tasks.core.model import model_tokenizer, tokenizer_fingerprint
     from tasks.tokenize.loader import tokenized_dir
 
-    tok = load_tokenizer(resolve_base(cfg.model, cfg.root / "models"), cfg.model)
+    tok = model_tokenizer(cfg.model, cfg.root / "models")
     return require_manifest(tokenized_dir(cfg, tokenizer_fingerprint(tok)), "tokenize")
 
 

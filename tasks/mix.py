@@ -68,8 +68,8 @@ OUT_SCHEMA = pa.schema(
 
 
 def get_tokenizer(cfg):
-    from tasks.core.model import load_tokenizer, resolve_base
-    return load_tokenizer(resolve_base(cfg.model, cfg.root / "models"), cfg.model)
+    from tasks.core.model import model_tokenizer
+    return model_tokenizer(cfg.model, cfg.root / "models")
 
 
 # ------------------------------------------------------------------------------- planning

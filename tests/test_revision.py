@@ -11,7 +11,7 @@ import pytest
 from conftest import prepare_tokenized
 
 from tasks.core.config import ModelConfig, load_config
-from tasks.core.model import BaseRevisionMismatch, base_revision, require_pinned
+from tasks.core.model import BaseRevisionMismatch, base_revision, model_tokenizer, require_pinned, resolve_base
 
 
 def _set_revision(base, rev):
@@ -133,6 +133,19 @@ def test_unpinned_hub_base_is_refused_unless_allowed():
     prod = load_config("configs/mistral-small-24b.yaml")
     with pytest.raises(BaseRevisionMismatch):
         require_pinned(prod.model)
+
+
+def test_a_tokenizer_file_tokenizes_an_unpinned_base_but_training_still_refuses(tmp_path):
+    """The production config names its Tekken file: the data stages can run before the base is pinned
+    (the ids depend on the file's bytes only), while loading the weights is refused."""
+    prod = load_config("configs/mistral-small-24b.yaml").model
+    assert prod.tokenizer and not prod.revision
+    tok = model_tokenizer(prod, tmp_path / "models")
+    assert len(tok) == 131072
+    with pytest.raises(BaseRevisionMismatch, match="model.revision is not set"):
+        resolve_base(prod, tmp_path / "models")
+    with pytest.raises(BaseRevisionMismatch):  # no tokenizer file: the hub's tokenizer needs the pin too
+        model_tokenizer(ModelConfig(name="some-org/some-model"), tmp_path / "models")
 
 
 def test_demo_pins_the_gguf_file_it_ships():

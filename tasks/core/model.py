@@ -203,6 +203,15 @@ def load_tokenizer(path_or_id: str, cfg: ModelConfig):
     return tok
 
 
+def model_tokenizer(cfg: ModelConfig, models_dir: Path):
+    """The tokenizer the data stages use. A ``model.tokenizer`` file is the whole tokenizer (its bytes are
+    fingerprinted), so it needs neither the base's weights nor a pinned hub revision: tokenizing a
+    corpus for a base that is not pinned yet is allowed; training on it is not (``require_pinned``)."""
+    if cfg.tokenizer:
+        return load_tokenizer(cfg.name, cfg)
+    return load_tokenizer(resolve_base(cfg, models_dir), cfg)
+
+
 def tokenizer_fingerprint(tok) -> str:
     """Hash of what decides the ids: the vocabulary/merges/normalizer and the special tokens."""
     backend = getattr(tok, "backend_tokenizer", None)

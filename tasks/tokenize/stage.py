@@ -154,12 +154,12 @@ def run_tokenize(cfg: PipelineConfig, tokenizer=None, workers: int | None = None
 
     ``workers`` (default ``tokenize.workers``) local processes, or ``executor`` (a Dask client or any
     object with ``submit``) encode the batches; the output is the same byte for byte either way."""
-    from tasks.core.model import load_tokenizer, resolve_base, tokenizer_fingerprint
+    from tasks.core.model import model_tokenizer, tokenizer_fingerprint
 
     root = cfg.root
     mix_m = require_manifest(root / "mix", "mix")
     split_m = require_manifest(root / "split", "split")
-    tok = tokenizer or load_tokenizer(resolve_base(cfg.model, root / "models"), cfg.model)
+    tok = tokenizer or model_tokenizer(cfg.model, root / "models")
     tok_fp = tokenizer_fingerprint(tok)
     out_dir = root / "tokenized" / tokenizer_dir_name(tok_fp)
     tc = cfg.tokenize
