@@ -131,8 +131,8 @@ def main(argv: list[str] | None = None) -> int:
     if bad:
         ap.error(f"unrecognized arguments: {' '.join(bad)}")
     a.overrides = [*a.overrides, *extra]
-    from tasks.core.config import ConfigError
-    from tasks.core.manifest import DamagedOutput, LockHeld, set_verify
+    from tasks.core.cli import USER_ERRORS, user_error_exit
+    from tasks.core.manifest import set_verify
 
     set_verify(getattr(a, "verify", False))  # through the environment: also reaches worker processes
     try:
@@ -153,12 +153,8 @@ def main(argv: list[str] | None = None) -> int:
         from flows.pipeline import data_to_adapter
 
         summary = data_to_adapter(config=a.config, overrides=a.overrides, force=a.force or None)
-    except ConfigError as e:
-        print(f"config error: {e}", file=sys.stderr)
-        return 2
-    except (LockHeld, DamagedOutput) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 3
+    except USER_ERRORS as e:
+        return user_error_exit(e)
     print()
     print(f"data-to-adapter finished in {summary['wall_s']:.0f}s")
     print(f"  adapter:     {summary['adapter']}")

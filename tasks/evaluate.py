@@ -8,7 +8,6 @@ numbers come from identical base weights, batches and kernels.
 
 from __future__ import annotations
 
-import argparse
 import json
 import logging
 import time
@@ -16,7 +15,8 @@ from pathlib import Path
 from typing import Any
 
 from tasks.core._prefect import task
-from tasks.core.config import CATEGORIES, PipelineConfig, config_from_dict, load_config
+from tasks.core.cli import clean_errors, stage_args
+from tasks.core.config import CATEGORIES, PipelineConfig, config_from_dict
 from tasks.core.manifest import fingerprint, library_versions, require_manifest, write_json_atomic
 from tasks.train.heldout import eval_losses, load_eval_sets
 
@@ -102,13 +102,10 @@ def evaluate(cfg_dict: dict) -> dict:
     return run_evaluate(config_from_dict(cfg_dict), get_run_logger())
 
 
+@clean_errors
 def main(argv: list[str] | None = None) -> None:
-    ap = argparse.ArgumentParser(description="Evaluate base vs adapter per category on the held-out split.")
-    ap.add_argument("--config", required=True)
-    ap.add_argument("overrides", nargs="*", help="section.key=value")
-    a = ap.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s", force=True)
-    r = run_evaluate(load_config(a.config, a.overrides))
+    cfg, _ = stage_args("Evaluate base vs adapter per category on the held-out split.", argv, verify=False)
+    r = run_evaluate(cfg)
     print(json.dumps({"overall": r["overall"], "dashboards": r["dashboards"]}, indent=2))
 
 

@@ -18,7 +18,6 @@ CLI:  python -m tasks.extract --config configs/demo.yaml [section.key=value ...]
 
 from __future__ import annotations
 
-import argparse
 import contextlib
 import logging
 import multiprocessing as mp
@@ -36,12 +35,12 @@ import pyarrow.parquet as pq
 from scrapers.common import path_query
 from scrapers.extract_page import PARSERS, TEXT_TYPES, extract_batch, extract_page  # noqa: F401 - re-exported
 from tasks.core._prefect import task
+from tasks.core.cli import clean_errors, stage_args
 from tasks.core.config import (
     CATEGORIES,
     PipelineConfig,
     config_from_dict,
     dump_resolved,
-    load_config,
 )
 from tasks.core.manifest import (
     Stage,
@@ -49,7 +48,6 @@ from tasks.core.manifest import (
     fingerprint,
     read_manifest,
     require_manifest,
-    set_verify,
 )
 from tasks.core.textio import iter_batches
 
@@ -257,15 +255,9 @@ def extract(cfg_dict: dict[str, Any]) -> dict[str, Any]:
     return run_extract(config_from_dict(cfg_dict))
 
 
+@clean_errors
 def main(argv: list[str] | None = None) -> None:
-    ap = argparse.ArgumentParser(description="Extract text and fields from <data root>/raw into extracted/.")
-    ap.add_argument("--config", required=True)
-    ap.add_argument("--verify", action="store_true", help="check sha256 of outputs before skipping or reading them")
-    ap.add_argument("overrides", nargs="*", help="section.key=value")
-    args = ap.parse_args(argv)
-    set_verify(args.verify)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s", force=True)
-    cfg = load_config(args.config, args.overrides)
+    cfg, _ = stage_args("Extract text and fields from <data root>/raw into extracted/.", argv)
     m = run_extract(cfg)
     c = m["counts"]
     print(f"extract: {c['documents_in']} pages -> {c['kept']} documents, {c['rejected']} rejected "

@@ -42,7 +42,6 @@ are collected at the end of the stage.
 
 from __future__ import annotations
 
-import argparse
 import hashlib
 import logging
 import math
@@ -55,8 +54,9 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from tasks.core._prefect import task
-from tasks.core.config import CATEGORIES, PipelineConfig, config_from_dict, dump_resolved, load_config
-from tasks.core.manifest import Stage, require_manifest, set_verify
+from tasks.core.cli import clean_errors, stage_args
+from tasks.core.config import CATEGORIES, PipelineConfig, config_from_dict, dump_resolved
+from tasks.core.manifest import Stage, require_manifest
 from tasks.core.textio import CategoryWriters, Progress, category_files, dask_executor, iter_batches, num_rows
 
 log = logging.getLogger("tasks.mix")
@@ -374,16 +374,10 @@ def mix(cfg_dict: dict) -> dict:
         return run_mix(config_from_dict(cfg_dict), executor=ex)
 
 
+@clean_errors
 def main(argv: list[str] | None = None) -> None:
-    ap = argparse.ArgumentParser(description="Mix the training split to the configured category ratios by tokens.")
-    ap.add_argument("--config", required=True)
-    ap.add_argument("--verify", action="store_true", help="check sha256 of outputs before skipping or reading them")
-    ap.add_argument("overrides", nargs="*", help="section.key=value")
-    a = ap.parse_args(argv)
-    set_verify(a.verify)
-    # force: importing prefect already configured the root logger at WARNING, which would hide progress
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s", force=True)
-    m = run_mix(load_config(a.config, a.overrides))
+    cfg, _ = stage_args("Mix the training split to the configured category ratios by tokens.", argv)
+    m = run_mix(cfg)
     t = m["counts"]["total"]
     print(f"mix: {t['selected_tokens']:,} of {t['target_tokens']:,} target tokens (budget from {t['budget_from']}), "
           f"shortfall {t['shortfall_tokens']:,}\n{Path(m['report']).read_text(encoding='utf-8')}")

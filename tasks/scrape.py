@@ -17,7 +17,6 @@ CLI (no Prefect server needed):  python -m tasks.scrape --config configs/demo.ya
 
 from __future__ import annotations
 
-import argparse
 import contextlib
 import itertools
 import json
@@ -39,13 +38,13 @@ from scrapers.dataset_import import ImportStats
 from scrapers.fetcher import FetchLog
 from scrapers.testsite import demo_site_env
 from tasks.core._prefect import RetryPolicy, task
+from tasks.core.cli import clean_errors, stage_args
 from tasks.core.config import (
     CATEGORIES,
     PipelineConfig,
     SourceConfig,
     config_from_dict,
     dump_resolved,
-    load_config,
     load_sources,
     resolve_path,
 )
@@ -245,13 +244,9 @@ def scrape(cfg_dict: dict[str, Any]) -> dict[str, Any]:
     return run_scrape(config_from_dict(cfg_dict))
 
 
+@clean_errors
 def main(argv: list[str] | None = None) -> None:
-    ap = argparse.ArgumentParser(description="Scrape the allow-listed sources into <data root>/raw.")
-    ap.add_argument("--config", required=True)
-    ap.add_argument("overrides", nargs="*", help="section.key=value")
-    args = ap.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s", force=True)
-    cfg = load_config(args.config, args.overrides)
+    cfg, _ = stage_args("Scrape the allow-listed sources into <data root>/raw.", argv, verify=False)
     with demo_site_env(cfg.demo_site):
         m = run_scrape(cfg)
     c = m["counts"]

@@ -11,7 +11,6 @@ Nothing is forced: a small category may end up with no eval document; it is list
 
 from __future__ import annotations
 
-import argparse
 import hashlib
 import logging
 from collections import defaultdict
@@ -21,8 +20,9 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from tasks.core._prefect import task
-from tasks.core.config import PipelineConfig, config_from_dict, dump_resolved, load_config
-from tasks.core.manifest import Stage, require_manifest, set_verify
+from tasks.core.cli import clean_errors, stage_args
+from tasks.core.config import PipelineConfig, config_from_dict, dump_resolved
+from tasks.core.manifest import Stage, require_manifest
 from tasks.core.textio import CategoryWriters, Progress, category_files, iter_batches, num_rows
 
 log = logging.getLogger("tasks.split")  # stable name also under python -m
@@ -91,16 +91,10 @@ def split(cfg_dict: dict) -> dict:
     return run_split(config_from_dict(cfg_dict))
 
 
+@clean_errors
 def main(argv: list[str] | None = None) -> None:
-    ap = argparse.ArgumentParser(description="Split the cleaned corpus into train and eval by a stable hash.")
-    ap.add_argument("--config", required=True)
-    ap.add_argument("--verify", action="store_true", help="check sha256 of outputs before skipping or reading them")
-    ap.add_argument("overrides", nargs="*", help="section.key=value")
-    a = ap.parse_args(argv)
-    set_verify(a.verify)
-    # force: importing prefect already configured the root logger at WARNING, which would hide progress
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s", force=True)
-    m = run_split(load_config(a.config, a.overrides))
+    cfg, _ = stage_args("Split the cleaned corpus into train and eval by a stable hash.", argv)
+    m = run_split(cfg)
     k = m["counts"]
     print(f"split: train {k['train']['total']['docs']} docs, eval {k['eval']['total']['docs']} docs; "
           f"eval_missing={m['eval_missing']}")

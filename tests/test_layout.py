@@ -349,6 +349,7 @@ INFRASTRUCTURE = {
     "tasks/core/config.py": "the config's schema: the values a stage uses enter its fingerprint as its config section",
     "tasks/core/manifest.py": "the fingerprint machinery itself",
     "tasks/core/_prefect.py": "orchestration only (the task decorator, the retry policy)",
+    "tasks/core/cli.py": "the stages' shared command line (parses flags, loads the config; writes nothing)",
     "tasks/core/model.py": "loads the tokenizer, which enters mix's and tokenize's fingerprints by its own fingerprint",
     "scrapers/schema.py": "the scrape settings' schema (the config side of scrapers/, like tasks/core/config.py)",
     "scrapers/hashing.py": "the fingerprint function (like tasks/core/manifest.py)",

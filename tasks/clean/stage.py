@@ -1,6 +1,5 @@
 from __future__ import annotations
 
-import argparse
 import logging
 import math
 from collections import Counter, defaultdict
@@ -41,8 +40,9 @@ from tasks.clean.rules import (
     split_parts,
 )
 from tasks.core._prefect import task
-from tasks.core.config import CATEGORIES, CleanConfig, PipelineConfig, config_from_dict, dump_resolved, load_config
-from tasks.core.manifest import Stage, code_fingerprint, fingerprint, require_manifest, set_verify
+from tasks.core.cli import clean_errors, stage_args
+from tasks.core.config import CATEGORIES, CleanConfig, PipelineConfig, config_from_dict, dump_resolved
+from tasks.core.manifest import Stage, code_fingerprint, fingerprint, require_manifest
 from tasks.core.textio import (
     CategoryWriters,
     Progress,
@@ -565,16 +565,10 @@ def clean(cfg_dict: dict, workers: int | None = None) -> dict:
         return run_clean(config_from_dict(cfg_dict), workers=workers, executor=ex)
 
 
+@clean_errors
 def main(argv: list[str] | None = None) -> None:
-    ap = argparse.ArgumentParser(description="Clean and deduplicate the extracted corpus.")
-    ap.add_argument("--config", required=True)
-    ap.add_argument("--verify", action="store_true", help="check sha256 of outputs before skipping or reading them")
-    ap.add_argument("--workers", type=int, default=None, help="processes for cleaning and MinHash (default clean.workers)")
-    ap.add_argument("overrides", nargs="*", help="section.key=value")
-    a = ap.parse_args(argv)
-    set_verify(a.verify)
-    # force: importing prefect already configured the root logger at WARNING, which would hide progress
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s", force=True)
-    m = run_clean(load_config(a.config, a.overrides), workers=a.workers)
+    cfg, a = stage_args("Clean and deduplicate the extracted corpus.", argv, extra=lambda ap: ap.add_argument(
+        "--workers", type=int, default=None, help="processes for cleaning and MinHash (default clean.workers)"))
+    m = run_clean(cfg, workers=a.workers)
     k = m["counts"]
     print(f"clean: {k['documents_in']} in, {k['kept']} kept, {k['rejected']} rejected {k['rejects_by_reason']}")

@@ -80,7 +80,7 @@ def require_manifest(stage_dir: str | os.PathLike[str], stage: str) -> dict[str,
     hashes on demand or after an unclean shutdown of that stage); raises naming what to re-run."""
     m = read_manifest(stage_dir)
     if m is None:
-        raise FileNotFoundError(
+        raise MissingOutput(
             f"no complete '{stage}' output at {stage_dir} (missing {MANIFEST}); run the '{stage}' stage first"
         )
     d = Path(stage_dir)
@@ -88,6 +88,10 @@ def require_manifest(stage_dir: str | os.PathLike[str], stage: str) -> dict[str,
     if problem:
         raise DamagedOutput(f"the '{stage}' output at {stage_dir} is damaged: {problem}; re-run the '{stage}' stage")
     return m
+
+
+class MissingOutput(FileNotFoundError):
+    """A stage's input is not there yet: the stage that makes it has not run (or did not finish)."""
 
 
 class DamagedOutput(RuntimeError):

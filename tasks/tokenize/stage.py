@@ -1,6 +1,5 @@
 from __future__ import annotations
 
-import argparse
 import logging
 import math
 import time
@@ -14,8 +13,9 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from tasks.core._prefect import task
-from tasks.core.config import CATEGORIES, PipelineConfig, config_from_dict, load_config
-from tasks.core.manifest import Stage, require_manifest, set_verify
+from tasks.core.cli import clean_errors, stage_args
+from tasks.core.config import CATEGORIES, PipelineConfig, config_from_dict
+from tasks.core.manifest import Stage, require_manifest
 from tasks.core.textio import Progress, dask_executor, iter_batches
 from tasks.tokenize.cache import (
     KEY_BYTES,
@@ -294,13 +294,8 @@ def tokenize(cfg_dict: dict) -> dict:
         return run_tokenize(config_from_dict(cfg_dict), executor=ex)
 
 
+@clean_errors
 def main(argv: list[str] | None = None) -> None:
-    ap = argparse.ArgumentParser(description="Tokenize and pack the mixed corpus into Arrow shards.")
-    ap.add_argument("--config", required=True)
-    ap.add_argument("--verify", action="store_true", help="check sha256 of outputs before skipping or reading them")
-    ap.add_argument("overrides", nargs="*", help="section.key=value")
-    a = ap.parse_args(argv)
-    set_verify(a.verify)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s", force=True)
-    m = run_tokenize(load_config(a.config, a.overrides))
+    cfg, _ = stage_args("Tokenize and pack the mixed corpus into Arrow shards.", argv)
+    m = run_tokenize(cfg)
     print(f"tokenize: {m['counts']['train']['rows']} training rows, eval categories {list(m['counts']['eval'])}")
