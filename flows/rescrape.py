@@ -31,7 +31,7 @@ from flows.guard import DataRootBusy, check_run_parameters, data_root_lock
 from flows.pipeline import ConfigPath, Overrides, extract_step, scrape_step, train_and_evaluate
 from flows.pools import publish_placement
 from flows.prepare import prepare
-from tasks.adapter.promote import RetrainDecision, corpus_drift, corpus_snapshot, retrain_decision
+from tasks.adapter.promote import RetrainDecision, corpus_drift, corpus_snapshot, retrain_decision, revision_of
 from tasks.core.config import PipelineConfig, config_from_dict, load_config
 from tasks.core.manifest import read_manifest
 
@@ -129,6 +129,13 @@ def warm_start(cfg: PipelineConfig, d: dict[str, Any], current: dict[str, Any] |
         return "from scratch (schedule.continue_from_previous is false)"
     if current is None:
         return "from scratch (no current adapter to continue from)"
+    from tasks.core.model import base_revision
+
+    # a new base revision was pinned on purpose: the current adapter's deltas belong to the old weights
+    made_on, now = revision_of(Path(current["run_dir"])), base_revision(cfg.model)
+    if made_on is not None and made_on != now:
+        return (f"from scratch (the current adapter {current['run_id']} was trained on base revision {made_on}, "
+                f"the config's base is {now}; promote the new run by hand)")
     d["train"]["init_adapter"] = current["adapter"]  # part of the train section, so of the run's fingerprint
     return f"from the current adapter {current['run_id']}"
 

@@ -176,7 +176,19 @@ def test_continue_from_previous_starts_from_the_current_adapter(tmp_path):
 
     cfg = _cfg(tmp_path, schedule={"continue_from_previous": True})
     d = cfg.model_dump(mode="json")
-    assert warm_start(cfg, d, {"adapter": "data/runs/a/adapter", "run_id": "a"}) == "from the current adapter a"
+    cur = {"adapter": "data/runs/a/adapter", "run_id": "a", "run_dir": str(tmp_path / "runs" / "a")}
+    assert warm_start(cfg, d, cur) == "from the current adapter a"  # no revision recorded: continues
     assert config_from_dict(d).train.init_adapter == "data/runs/a/adapter"
     d = cfg.model_dump(mode="json")
     assert warm_start(cfg, d, None).startswith("from scratch") and d["train"]["init_adapter"] is None
+    # the current adapter was trained on another base revision: a new base was pinned, start over
+    (tmp_path / "runs" / "a" / "adapter").mkdir(parents=True)
+    (tmp_path / "runs" / "a" / "adapter" / "quantization.json").write_text(json.dumps({"base_revision": "rev-old"}))
+    d = cfg.model_dump(mode="json")
+    why = warm_start(cfg, d, cur)
+    assert why.startswith("from scratch") and "rev-old" in why and d["train"]["init_adapter"] is None
+    from tasks.core.model import base_revision
+
+    (tmp_path / "runs" / "a" / "adapter" / "quantization.json").write_text(
+        json.dumps({"base_revision": base_revision(cfg.model)}))
+    assert warm_start(cfg, cfg.model_dump(mode="json"), cur) == "from the current adapter a"

@@ -108,6 +108,20 @@ def test_resume_refuses_another_base(changed_base):
         manifest.write_text(saved)
 
 
+def test_warm_start_refuses_an_adapter_of_another_base(changed_base, tmp_path):
+    """train.init_adapter (the re-scrape's warm start) trained on rev-A cannot seed a run on rev-B."""
+    from tasks.train.stage import run_train
+
+    cfg, _, run = changed_base
+    warm = cfg.model_copy(deep=True)
+    warm.train.init_adapter = str(run / "adapter")
+    with pytest.raises(BaseRevisionMismatch, match="train.init_adapter") as e:
+        run_train(warm)
+    _names_both(e)
+    assert not list((cfg.root / "runs").glob("*/checkpoints/*/adapter")) or \
+        {p.parent.parent.parent.name for p in (cfg.root / "runs").glob("*/checkpoints/*/adapter")} == {run.name}
+
+
 def test_promotion_refuses_another_base(changed_base):
     from tasks.adapter.promote import run_promote
 

@@ -309,7 +309,8 @@ def measure_general(run_dir: Path, set_path: Path, logger: logging.Logger | None
     return out
 
 
-def _revision_of(run_dir: Path) -> str | None:
+def revision_of(run_dir: Path) -> str | None:
+    """The base revision a run's adapter was trained on (None: not recorded)."""
     return (_read_json(Path(run_dir) / "adapter" / "quantization.json") or {}).get("base_revision")
 
 
@@ -336,8 +337,8 @@ def run_promote(cfg: PipelineConfig, run_dir: Path, logger: logging.Logger | Non
     current_losses: dict[str, float] | None = None
     key: str | None = None  # what decided the current adapter's re-measured losses (cache key)
     # the base first: an adapter only fits the weights it was trained on
-    cand_rev, cfg_rev = _revision_of(run_dir), base_revision(cfg.model)
-    cur_rev = _revision_of(Path(cur["run_dir"])) if cur else None
+    cand_rev, cfg_rev = revision_of(run_dir), base_revision(cfg.model)
+    cur_rev = revision_of(Path(cur["run_dir"])) if cur else None
     blocked = []
     if cand_rev != cfg_rev:
         blocked.append(f"base revision mismatch: the candidate was trained on base revision {cand_rev}, the config's "

@@ -146,6 +146,7 @@ def prepare_run(cfg: PipelineConfig, _stage: tuple[Stage, Path] | None = None
     base = resolve_base(cfg.model, cfg.root / "models")
     record = quantization_record(cfg.model, base)
     _check_resume_base(run_dir, record["base_revision"])
+    _check_init_adapter_base(cfg, record["base_revision"])
     (run_dir / f"inputs.json.{uniq}.tmp").write_text(json.dumps({
         "base": base, "tokenized_dir": str(tok_dir), "stage_fingerprint": stage.fingerprint,
         "stage_config": stage.config, "stage_inputs": stage.inputs,
@@ -165,6 +166,20 @@ def _check_resume_base(run_dir: Path, revision: str) -> None:
     if prev.is_file() and (ck := latest_checkpoint(run_dir)) is not None:
         recorded = json.loads(prev.read_text()).get("quantization", {}).get("base_revision")
         check_base_revision(recorded, revision, f"checkpoint {ck.name} of run {run_dir.name}")
+
+
+def _check_init_adapter_base(cfg: PipelineConfig, revision: str) -> None:
+    """A warm start (train.init_adapter) only from an adapter trained on this very base revision: LoRA
+    deltas learned on other weights start the run from a wrong point. An adapter whose directory records
+    no revision (made outside this tool, or before revisions were recorded) passes, as for checkpoints."""
+    from tasks.core.config import resolve_path
+    from tasks.core.model import check_base_revision
+
+    if not cfg.train.init_adapter:
+        return
+    rec = resolve_path(cfg.train.init_adapter) / "quantization.json"
+    recorded = json.loads(rec.read_text()).get("base_revision") if rec.is_file() else None
+    check_base_revision(recorded, revision, f"train.init_adapter {cfg.train.init_adapter}")
 
 
 def run_train(cfg: PipelineConfig, logger: logging.Logger | None = None) -> dict[str, Any]:
