@@ -29,7 +29,7 @@ from pydantic import Field
 from flows import artifacts
 from flows.guard import check_run_parameters, data_root_lock
 from flows.pools import gpu_deployment_suffix, placement, publish_placement, run_stage_deployment
-from flows.prepare import prepare, stage_options
+from flows.prepare import prepare, stage_options, task_runner
 from scrapers.testsite import demo_site_env
 from tasks.adapter.promote import lineage, record_corpus, run_promote
 from tasks.core.config import PipelineConfig, config_from_dict, load_config
@@ -260,8 +260,19 @@ def promote_step(cfg: PipelineConfig, run_dir: Path, logger: logging.Logger) -> 
     return p
 
 
+@flow(name="extract-stage")
+def extract_on_dask(d: dict[str, Any]) -> dict[str, Any]:
+    """extract as a task on the flow's DaskTaskRunner: from inside it the stage sends its page batches
+    to the same cluster (tasks/extract.py), as the prepare stages do theirs."""
+    cfg = config_from_dict(d)
+    return nocache(extract).with_options(**stage_options(cfg, "extract")).submit(d).result()
+
+
 def extract_step(cfg: PipelineConfig, d: dict[str, Any]) -> dict[str, Any]:
-    return nocache(extract).with_options(**stage_options(cfg, "extract"))(d)
+    runner = task_runner(cfg.dask)
+    if runner is None:
+        return nocache(extract).with_options(**stage_options(cfg, "extract"))(d)
+    return extract_on_dask.with_options(task_runner=runner)(d)
 
 
 def train_and_evaluate(cfg: PipelineConfig, config: str, overrides: list[str] | None, d: dict[str, Any],

@@ -141,3 +141,10 @@ def _extract_record(row: dict[str, Any], body: bytes, min_text_chars: int,
 
 def extract_batch(rows: list[dict[str, Any]], min_text_chars: int) -> list[tuple[Any, Any]]:
     return [extract_page(r, min_text_chars) for r in rows]
+
+
+def extract_job(job: tuple[list[dict[str, Any]], int]) -> list[tuple[Any, Any]]:
+    """One batch as a single picklable argument (process pools, Dask); lives here so a worker imports
+    the parsers only, not the stage (and Prefect)."""
+    rows, min_text_chars = job
+    return extract_batch(rows, min_text_chars) if rows else []

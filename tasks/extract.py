@@ -23,7 +23,7 @@ import logging
 import multiprocessing as mp
 import os
 import time
-from collections import Counter, deque
+from collections import Counter
 from collections.abc import Iterator
 from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
@@ -33,7 +33,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from scrapers.common import path_query
-from scrapers.extract_page import PARSERS, TEXT_TYPES, extract_batch, extract_page  # noqa: F401 - re-exported
+from scrapers.extract_page import PARSERS, TEXT_TYPES, extract_batch, extract_job, extract_page  # noqa: F401 - re-exported
 from tasks.core._prefect import task
 from tasks.core.cli import clean_errors, stage_args
 from tasks.core.config import (
@@ -49,7 +49,7 @@ from tasks.core.manifest import (
     read_manifest,
     require_manifest,
 )
-from tasks.core.textio import iter_batches
+from tasks.core.textio import dask_executor, iter_batches, ordered_map, ran_on
 
 log = logging.getLogger("tasks.extract")
 
@@ -139,26 +139,22 @@ def _merge(done: list[Any], parsed: list[tuple[Any, Any]]) -> Iterator[tuple[Any
         yield d if d is not None else next(it)
 
 
-def _extracted(path: Any, min_text_chars: int, pool: ProcessPoolExecutor | None,
-               workers: int, prior: Prior | None = None) -> Iterator[tuple[Any, Any]]:
-    """(doc, reject) per raw row, in input order; with a pool, a bounded window of batches is in flight.
-    Rows whose page is unchanged since the previous output are taken from it, not parsed."""
+def _extracted(path: Any, min_text_chars: int, executor: Any = None, workers: int = 1,
+               prior: Prior | None = None) -> Iterator[tuple[Any, Any]]:
+    """(doc, reject) per raw row, in input order. ``executor`` (the stage's process pool, or a Dask
+    client when the stage runs on a Dask worker) parses the batches with a bounded window in flight;
+    without one, this process does. Rows whose page is unchanged since the previous output are taken
+    from it, not parsed."""
     prior = prior or Prior()
-    if pool is None or workers <= 1:
+
+    def jobs():
         for rows in _raw_batches(path):
             done, todo = _with_prior(rows, prior)
-            yield from _merge(done, extract_batch(todo, min_text_chars) if todo else [])
-        return
-    window: deque[Any] = deque()
-    for rows in _raw_batches(path):
-        done, todo = _with_prior(rows, prior)
-        window.append((done, pool.submit(extract_batch, todo, min_text_chars)))
-        if len(window) >= 2 * workers:
-            d, fut = window.popleft()
-            yield from _merge(d, fut.result())
-    while window:
-        d, fut = window.popleft()
-        yield from _merge(d, fut.result())
+            yield done, (todo, min_text_chars)
+
+    window = 2 * workers if executor is not None and not hasattr(executor, "scheduler_info") else None
+    for done, parsed in ordered_map(extract_job, jobs(), workers, window=window, executor=executor):
+        yield from _merge(done, parsed)
 
 
 # the parsers this stage runs (not the fetcher, the test sites or the benchmarks)
@@ -167,7 +163,10 @@ CODE_FILES = ("tasks/extract.py", "scrapers/extract_page.py", "scrapers/common.p
               "scrapers/additives.py", "scrapers/urls.py", "tasks/core/textio.py")
 
 
-def run_extract(cfg: PipelineConfig) -> dict[str, Any]:
+def run_extract(cfg: PipelineConfig, executor: Any = None) -> dict[str, Any]:
+    """Parse every scraped page into a document or a reject, per category, in page order. The batches
+    run in ``extract.workers`` local processes, or on ``executor`` (a Dask client: the stage as a task
+    on a DaskTaskRunner); the output is the same either way."""
     raw_dir = cfg.root / "raw"
     raw_manifest = require_manifest(raw_dir, "scrape")
     # the worker count does not change the output, so it is not part of the fingerprint
@@ -191,7 +190,8 @@ def run_extract(cfg: PipelineConfig) -> dict[str, Any]:
     largest = max((pq.ParquetFile(p).metadata.num_rows for p in paths.values()), default=0)
     workers = extract_workers(largest, cfg.extract.workers)
     # one pool for the whole stage (workers import scrapers.extract_page only: no Prefect, quick to start)
-    pool = ProcessPoolExecutor(max_workers=workers, mp_context=mp.get_context("spawn")) if workers > 1 else None
+    pool = (ProcessPoolExecutor(max_workers=workers, mp_context=mp.get_context("spawn"))
+            if workers > 1 and executor is None else None)
     with contextlib.ExitStack() as stack, stage.building() as work:
         if pool is not None:
             stack.enter_context(pool)
@@ -203,7 +203,7 @@ def run_extract(cfg: PipelineConfig) -> dict[str, Any]:
             t_cat, last = time.monotonic(), time.monotonic()
             with pq.ParquetWriter(work / f"{category}.parquet", DOC_SCHEMA) as writer:
                 docs: list[dict[str, Any]] = []
-                for doc, rej in _extracted(path, cfg.extract.min_text_chars, pool, workers, prior):
+                for doc, rej in _extracted(path, cfg.extract.min_text_chars, executor or pool, workers, prior):
                     n_in += 1
                     counts["documents_in"] += 1
                     if time.monotonic() - last >= PROGRESS_EVERY_S:
@@ -243,7 +243,8 @@ def run_extract(cfg: PipelineConfig) -> dict[str, Any]:
                   "parsed": n_in - n_reused, "per_category": per_cat,
                   "rejects_by_reason": dict(sorted(reasons.items()))}
         manifest = stage.manifest(work, counts, seconds=round(dt, 3), parser_fingerprint=parser_fp,
-                                  pages_per_s=round(n_in / dt, 2) if dt > 0 else None)
+                                  pages_per_s=round(n_in / dt, 2) if dt > 0 else None,
+                                  ran_on=ran_on(executor, workers))
     log.info("extract: %d pages in %.1fs (%.1f pages/s), %d kept, %d rejected %s", n_in, dt, n_in / max(dt, 1e-9),
              n_kept, n_rej, dict(reasons))
     return manifest
@@ -252,7 +253,8 @@ def run_extract(cfg: PipelineConfig) -> dict[str, Any]:
 @task(name="extract")
 def extract(cfg_dict: dict[str, Any]) -> dict[str, Any]:
     """Prefect task: the extract stage on a plain config dict (serializable)."""
-    return run_extract(config_from_dict(cfg_dict))
+    with dask_executor() as ex:  # on a Dask worker (DaskTaskRunner): parse the batches across the cluster
+        return run_extract(config_from_dict(cfg_dict), executor=ex)
 
 
 @clean_errors

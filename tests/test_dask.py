@@ -99,3 +99,62 @@ def test_prepare_flow_on_dask_task_runner_equals_local(tmp_path, tiny_model_dir,
         got = run_prepare(cfg)
     _same(want, got)
     shutil.rmtree(tmp_path / "tokenized", ignore_errors=True)
+
+
+@pytest.fixture(scope="module")
+def demo_pages(tmp_path_factory) -> tuple[Path, dict]:
+    """The demo site's pages scraped and extracted locally (in this process): the reference."""
+    from test_extract import DEMO_ROOT, crawl_and_extract
+
+    tmp = tmp_path_factory.mktemp("demo-extract")
+    site = shutil.copytree(DEMO_ROOT, tmp / "site")
+    (tmp / "local").mkdir()
+    return crawl_and_extract(tmp / "local", site)
+
+
+def _same_extract(want: dict, got: dict) -> None:
+    strip = {"config.yaml"}  # holds the data_root
+    assert {k: v for k, v in want["files"].items() if k not in strip} == \
+        {k: v for k, v in got["files"].items() if k not in strip}
+    assert want["counts"] == got["counts"] and want["counts"]["kept"] > 20
+
+
+def _raw_copy(root: Path, dest: Path):
+    from tasks.core.config import load_config
+
+    shutil.copytree(root / "raw", dest / "raw")
+    return load_config(root / "raw" / "config.yaml", [f"data_root={dest}"])
+
+
+def test_extract_on_dask_equals_local(tmp_path, demo_pages):
+    """extract's page batches parsed on a Dask cluster give the same files as one process."""
+    from distributed import Client, LocalCluster, get_task_stream
+
+    from tasks.extract import run_extract
+
+    root, want = demo_pages
+    cfg = _raw_copy(root, tmp_path / "dask")
+    with LocalCluster(n_workers=2, threads_per_worker=1, processes=False, dashboard_address=None) as cluster, \
+            Client(cluster) as client:
+        with get_task_stream(client) as ts:
+            got = run_extract(cfg, executor=client)
+        assert "extract_job" in {t["key"].split("-")[0] for t in ts.data}  # the batches ran on the workers
+    assert want["ran_on"] == "this process" and got["ran_on"].startswith("dask ") and "(2 workers)" in got["ran_on"]
+    _same_extract(want, got)
+
+
+def test_the_flow_runs_extract_on_the_dask_task_runner(tmp_path, demo_pages):
+    """With dask.address set, the DAG's extract step is a subflow on DaskTaskRunner (same output)."""
+    from prefect.testing.utilities import prefect_test_harness
+
+    from flows.pipeline import extract_step
+
+    root, want = demo_pages
+    cfg = _raw_copy(root, tmp_path / "flow")
+    d = cfg.model_dump(mode="json")
+    d["dask"] = {"address": "local", "n_workers": 2, "threads_per_worker": 1, "processes": False}
+    cfg = config_from_dict(d)
+    with prefect_test_harness(server_startup_timeout=120):
+        got = extract_step(cfg, d)
+    assert got["ran_on"].startswith("dask ") and "(2 workers)" in got["ran_on"]
+    _same_extract(want, got)

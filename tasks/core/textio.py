@@ -187,10 +187,17 @@ def _windowed(items, submit, window: int):
 
 
 def _submit(executor, fn, job):
-    try:  # distributed.Client: pure=False, or it would hash every batch of texts to name the task
+    if hasattr(executor, "scheduler_info"):  # distributed.Client: pure=False, or it would hash every batch to name the task
         return executor.submit(fn, job, pure=False)
-    except TypeError:
-        return executor.submit(fn, job)
+    return executor.submit(fn, job)  # concurrent.futures (it would pass pure= on to fn)
+
+
+def ran_on(executor, workers: int) -> str:
+    """Where a stage's batches ran, for its manifest: a user reads whether the cluster was used."""
+    if executor is not None and hasattr(executor, "scheduler_info"):
+        info = executor.scheduler_info()
+        return f"dask {info.get('address', '?')} ({len(info.get('workers', {}))} workers)"
+    return f"{workers} local processes" if workers > 1 else "this process"
 
 
 def _executor_slots(executor) -> int:
