@@ -129,6 +129,8 @@ def recipe_pages(corpus: Path, split: str, limit: int | None) -> dict[str, list[
 
 def article_pages(corpus: Path, limit: int | None) -> dict[str, list[tuple[str, Path, dict]]]:
     """{site: [(page name, html path, expected with/without)]}: one site per page's host."""
+    if not (corpus / "evaldata.json").is_file():
+        return {}
     data = json.loads((corpus / "evaldata.json").read_text(encoding="utf-8"))
     sites: dict[str, list[tuple[str, Path, dict]]] = {}
     for i, (url, item) in enumerate(sorted(data.items())):
@@ -143,13 +145,28 @@ def article_pages(corpus: Path, limit: int | None) -> dict[str, list[tuple[str, 
     return sites
 
 
-def build_site(sites: dict[str, list[tuple[str, Path, dict]]], root: Path) -> dict[str, tuple[str, dict]]:
+_JSONLD = re.compile(rb"<script[^>]*application/ld\+json[^>]*>.*?</script\s*>", re.S | re.I)
+_MARKUP_ATTR = re.compile(rb"""\s(?:itemprop|itemscope|itemtype|itemid|vocab|typeof|property)(?:\s*=\s*(?:"[^"]*"|'[^']*'|[^\s>]+))?""",
+                          re.I)
+
+
+def strip_markup(html: bytes) -> bytes:
+    """The page without its structured data (JSON-LD blocks, microdata and RDFa attributes): what the
+    text fallback must cope with on a site that publishes none (``--strip-markup``)."""
+    return _MARKUP_ATTR.sub(b"", _JSONLD.sub(b"", html))
+
+
+def build_site(sites: dict[str, list[tuple[str, Path, dict]]], root: Path,
+               no_markup: bool = False) -> dict[str, tuple[str, dict]]:
     """Copy pages to root/<site>/<name>.html with an index per site; returns {path: (site, expected)}."""
     expected: dict[str, tuple[str, dict]] = {}
     for site, pages in sites.items():
         (root / site).mkdir(parents=True, exist_ok=True)
         for name, src, exp in pages:
-            shutil.copyfile(src, root / site / f"{name}.html")
+            if no_markup:
+                (root / site / f"{name}.html").write_bytes(strip_markup(src.read_bytes()))
+            else:
+                shutil.copyfile(src, root / site / f"{name}.html")
             expected[f"/{site}/{name}.html"] = (site, exp)
         links = "".join(f'<li><a href="{quote(n)}.html">{n}</a></li>' for n, _, _ in pages)
         (root / site / "index.html").write_text(f"<html><body><main><ul>{links}</ul></main></body></html>")
@@ -207,15 +224,20 @@ def baseline_article(html: str, url: str) -> dict[str, Any]:
 
 
 # ------------------------------------------------------------------------------------------ the run
-def run(kind: str, corpus: Path, split: str, limit: int | None, work: Path, keep: bool) -> dict[str, Any]:
+def run(kind: str, corpus: Path, split: str, limit: int | None, work: Path, keep: bool,
+        no_markup: bool = False) -> dict[str, Any]:
     from scrapers.common import decode_body
     from tasks.core.config import PipelineConfig
     from tasks.extract import run_extract
     from tasks.scrape import run_scrape
 
     sites = recipe_pages(corpus, split, limit) if kind == "recipes" else article_pages(corpus, limit)
+    if not sites:
+        want = "<site>/<name>.testhtml + .json (recipe-scrapers' tests/test_data)" if kind == "recipes" \
+            else "evaldata.json and cache/ (trafilatura's tests/)"
+        raise SystemExit(f"bench_extract: no {kind} pages under {corpus}: it should hold {want}")
     category = "recipes" if kind == "recipes" else "articles"
-    expected = build_site(sites, work / "site")
+    expected = build_site(sites, work / "site", no_markup)
     parent, child = mp.Pipe()
     server = mp.get_context("spawn").Process(target=_serve, args=(str(work / "site"), N_HOSTS, child), daemon=True)
     server.start()
@@ -458,6 +480,8 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--limit", type=int, help="at most this many sites (quick runs)")
     ap.add_argument("--work", type=Path, help="keep the served site, data root and result.json here")
     ap.add_argument("--show-lost", action="store_true", help="list pages without a document and why")
+    ap.add_argument("--strip-markup", action="store_true",
+                    help="serve the pages without JSON-LD, microdata or RDFa: scores the text fallback alone")
     args = ap.parse_args(argv)
     if args.kind == "products":
         print(products_table(run_products(args.corpus)))
@@ -468,7 +492,7 @@ def main(argv: list[str] | None = None) -> None:
     work.mkdir(parents=True, exist_ok=True)
     try:
         res = run(args.kind, args.corpus, args.split if args.kind == "recipes" else "all", args.limit, work,
-                  keep=bool(args.work))
+                  keep=bool(args.work), no_markup=args.strip_markup)
     finally:
         if not args.work:
             shutil.rmtree(work, ignore_errors=True)

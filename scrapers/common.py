@@ -202,6 +202,11 @@ def parse_tree(html: str) -> Any:
                                     parser=lxml.html.HTMLParser(encoding="utf-8", remove_comments=True))
     except Exception:  # noqa: BLE001 - empty or hopeless markup: an empty document, the parser decides
         tree = lxml.html.fromstring("<html><body></body></html>")
+    # form controls' labels are furniture in every category (servings toggles "1x 2x 3x", unit switches,
+    # "Jump to recipe" buttons); drop_tree keeps the text that follows them
+    for el in tree.xpath("//button|//select|//textarea"):
+        if el.getparent() is not None:
+            el.drop_tree()
     return tree
 
 

@@ -135,6 +135,13 @@ def _items_of(el: Any) -> list[str]:
     return [t for t in (_text(p) for p in ps) if t] or ([_text(el)] if _text(el) else [])
 
 
+# form controls are page furniture (servings toggles "1x 2x 3x", unit switches), never ingredient lines
+_CONTROLS = ("script", "style", "input", "button", "select", "option", "textarea")
+_HEADINGS = ("h1", "h2", "h3", "h4", "h5", "h6")
+# a line that is only the section's label ("Ingredients", "Zutaten:") or a servings multiplier ("2x")
+_LABEL_LINE = re.compile(r"^(?:(?:ingredients?|zutaten|ingrédients|ingredientes|ingredienti|składniki|ingrediënten|"
+                         r"ingredienser|ainekset|suroviny|hozzávalók|malzemeler|ингредиенты|材料)\s*:?|"
+                         r"\d+(?:[.,]\d+)?\s*[x×]|[½¼¾⅓⅔]\s*[x×])$", re.IGNORECASE)
 _STEP_WORDS = ("instruction", "step", "method", "direction", "preparation", "zubereitung")
 _ITEM_TAGS = ("li", "dt", "dd", "tr")
 
@@ -146,7 +153,7 @@ def _repeated(el: Any) -> list[Any]:
     for _ in range(6):
         nxt = []
         for node in level:
-            kids = [k for k in node if isinstance(k.tag, str) and k.tag not in ("script", "style", "input")]
+            kids = [k for k in node if isinstance(k.tag, str) and k.tag not in _CONTROLS]
             seen: dict[tuple[str, str], int] = {}
             for k in kids:
                 seen[(k.tag, k.get("class") or "")] = seen.get((k.tag, k.get("class") or ""), 0) + 1
@@ -171,6 +178,10 @@ def _ingredient_nodes(main: Any) -> list[Any]:
                                                         "self::select or self::option or self::img)"):
         if any(id(a) in steps for a in m.iterancestors()):
             continue  # an ingredient link inside a step is not an ingredient line
+        if m.tag in _HEADINGS and _ING_HEAD.match(_text(m)):
+            continue  # the section's own heading ("Ingredients" with its servings toggles), not a line
+        if m.tag in _CONTROLS or any(a.tag in _CONTROLS for a in m.iterancestors()):
+            continue
         found = m.xpath(".//li") or m.xpath(".//dt")
         if not found:
             up = next((a for a in m.iterancestors(*_ITEM_TAGS)), None)
@@ -209,7 +220,7 @@ def _from_html(page: Page) -> dict[str, Any]:
     """Pages without Recipe data: lists marked 'ingredient' / 'instruction|step|method|direction', or the
     lists under an 'Ingredients' / 'Method' heading."""
     main = main_node(page.tree)
-    ingredients = [t for t in (_text(n) for n in _ingredient_nodes(main)) if t]
+    ingredients = [t for t in (_text(n) for n in _ingredient_nodes(main)) if t and not _LABEL_LINE.match(t)]
     if not ingredients:
         ingredients = _under_heading(main, _ING_HEAD)
     steps: list[str] = []
@@ -239,6 +250,24 @@ def _key(text: str) -> str:
 
 _SECTION_WORDS = {"ingredients", "ingredient", "method", "steps", "instructions", "directions", "preparation",
                   "nutrition", "zutaten", "zubereitung", "notes"}
+
+
+def _without_split_lines(lines: list[str], ingredient_keys: set[str], longest: int = 6) -> list[str]:
+    """Drop runs of 2..``longest`` consecutive lines that together spell one ingredient line already
+    listed: a recipe card whose amount, unit and name spans the text extractor put on lines of their own
+    ("250", "g", "Rhubarbe")."""
+    if not ingredient_keys:
+        return lines
+    out, i = [], 0
+    while i < len(lines):
+        for j in range(i + 2, min(i + longest, len(lines)) + 1):
+            if _key(" ".join(lines[i:j])) in ingredient_keys:
+                i = j
+                break
+        else:
+            out.append(lines[i])
+            i += 1
+    return out
 
 
 def parse(page: Page) -> Parsed:
@@ -282,10 +311,11 @@ def parse(page: Page) -> Parsed:
         blocks.append(f"Nutrition{f' (per {per})' if per else ''}: " + ", ".join(f"{k} {v}" for k, v in nut.items()))
     # the rest of the page's main text (introduction, notes, ingredient groups), minus what is above
     seen = {_key(x) for x in [f["title"], f["description"], *f["ingredients"], *f["steps"]] if x}
+    lines = _without_split_lines(page.main_text().split("\n"), {_key(x) for x in f["ingredients"] if x})
     prose = []
-    for line in page.main_text().split("\n"):
+    for line in lines:
         k = _key(line)
-        if not k or k in seen or k in _SECTION_WORDS:
+        if not k or k in seen or k in _SECTION_WORDS or _LABEL_LINE.match(line.strip()):
             continue
         seen.add(k)
         prose.append(line.strip())

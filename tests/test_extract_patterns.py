@@ -46,7 +46,7 @@ CASES = [("entities.html", "recipes"), ("no_markup.html", "recipes"), ("text_onl
          ("repeated_blocks.html", "recipes"), ("dl_ingredients.html", "recipes"), ("span_marked.html", "recipes"),
          ("quantified_markup.html", "recipes"), ("cta_paragraph.html", "recipes"),
          ("self_closing_script.html", "recipes"), ("product_opengraph.html", "product_descriptions"),
-         ("product_aggregate_offer.html", "product_descriptions")]
+         ("product_aggregate_offer.html", "product_descriptions"), ("servings_toggle.html", "recipes")]
 
 
 @pytest.mark.parametrize(("name", "category"), CASES)
@@ -118,6 +118,17 @@ def test_list_items_holding_a_marked_span() -> None:
     d, f = doc("span_marked.html", "recipes")
     assert f["ingredients"] == ["300 gr rundergehakt", "1 ui", "2 paprika's bijv. een rode en een gele"]
     assert "bak het gehakt rul" in d["text"]
+
+
+def test_servings_toggles_and_the_section_heading_are_not_ingredient_lines() -> None:
+    """A recipe card without markup: its "Ingredients 1x 2x 3x" heading and unit switch are furniture; the
+    group names stay (they say which part of the dish a line belongs to); the card's amount / unit / name
+    spans, which the main-text extractor puts on lines of their own, are not repeated as prose."""
+    d, f = doc("servings_toggle.html", "recipes")
+    assert f["ingredients"] == ["Dry", "2 ¼ cups oat flour", "1 tsp baking powder", "Wet", "120 ml buttermilk"]
+    assert f["steps"][0] == "Mix the dry ingredients."
+    assert d["text"].split("\n\n")[-1] == "Crumbly oat scones for a slow breakfast."
+    assert not {"1x", "2x", "3x", "cups", "Metric"} & set(d["text"].split("\n"))
 
 
 def test_markup_with_quantities_is_kept_as_written() -> None:
@@ -237,3 +248,17 @@ def test_an_index_page_with_an_intro_is_navigation_not_an_article():
     with pytest.raises(ParseReject) as e:
         parse(make_page("http://127.0.0.1/articles/index.html", html))
     assert e.value.reason == "navigation_page"
+
+
+def test_bench_strip_markup_leaves_only_the_text_fallback() -> None:
+    """bench_extract --strip-markup: a page with JSON-LD and microdata, stripped, is read from its lists."""
+    from benchmarks.bench_extract import strip_markup
+
+    html = (PAGES / "microdata_groups.html").read_bytes()
+    bare = strip_markup(html)
+    assert b"itemprop" not in bare and b"itemscope" not in bare and b"application/ld+json" not in bare
+    row = {"url": "http://example.org/x", "category": "recipes", "source_id": "t", "sha256": "x", "body": bare,
+           "content_type": "text/html; charset=utf-8"}
+    d, rej = extract_page(row, 1)
+    assert d is not None, rej
+    assert json.loads(d["fields"])["source_format"] in ("html", "text")
