@@ -190,6 +190,9 @@ _XML_DECL = re.compile(r"^\s*<\?xml[^>]*>", re.IGNORECASE)
 _SELF_CLOSED = re.compile(r"<(script|style)\b([^<>]*?)/>", re.IGNORECASE)
 
 
+CONTROL_MAX_CHARS = 200
+
+
 def parse_tree(html: str) -> Any:
     """lxml tree of a decoded page (an XML declaration with an encoding would make lxml refuse the str)."""
     import lxml.html
@@ -203,9 +206,10 @@ def parse_tree(html: str) -> Any:
     except Exception:  # noqa: BLE001 - empty or hopeless markup: an empty document, the parser decides
         tree = lxml.html.fromstring("<html><body></body></html>")
     # form controls' labels are furniture in every category (servings toggles "1x 2x 3x", unit switches,
-    # "Jump to recipe" buttons); drop_tree keeps the text that follows them
+    # "Jump to recipe" buttons); drop_tree keeps the text that follows them. Only short ones: on broken
+    # markup an unclosed <button> or <select> swallows the rest of the page (seen on real recipe sites)
     for el in tree.xpath("//button|//select|//textarea"):
-        if el.getparent() is not None:
+        if el.getparent() is not None and len(el.text_content()) <= CONTROL_MAX_CHARS:
             el.drop_tree()
     return tree
 
