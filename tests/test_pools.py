@@ -415,7 +415,7 @@ def test_two_node_training_as_two_flow_runs_on_the_gpu_pool_matches_one_process(
     assert where["train"]["pid"] != where["train-node-1"]["pid"]
     assert all(where[k]["ancestors"][0] == team.gpu.pid for k in ("train", "train-node-1"))  # both flow runs: the GPU worker's
     print("\ntwo-node placement:\n" + json.dumps({k: where[k] for k in ("train", "train-node-1")}, indent=1))
-    m2 = json.loads((next((team.root / "runs").glob("t2-*")) / "manifest.json").read_text())
+    m2 = json.loads((next((team.root / "runs").glob("t2-*/manifest.json"))).read_text())
     assert m2["counts"]["world_size"] == 2
     one = load_config(team.config, ["run_name=t1", "train.micro_batch_size=4"])
     m1 = run_train(one)
